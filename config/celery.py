@@ -1,0 +1,56 @@
+"""The Celery app: JSON only, late acks, one task at a time per process, bounded run time."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+app = Celery("cpc_media")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+
+
+def _check_visibility_timeout() -> None:
+    """Refuse a broker whose redelivery would start a second copy of a task still running."""
+    if settings.CELERY_VISIBILITY_TIMEOUT <= settings.CELERY_TASK_TIME_LIMIT:
+        raise ImproperlyConfigured(
+            f"CELERY_VISIBILITY_TIMEOUT ({settings.CELERY_VISIBILITY_TIMEOUT} s) must be longer than "
+            f"CELERY_TASK_TIME_LIMIT ({settings.CELERY_TASK_TIME_LIMIT} s), or Redis hands a running "
+            "task to a second worker."
+        )
+
+
+_check_visibility_timeout()
+
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    # A stage is idempotent (output keyed by item and stage, skipped when present), so it is
+    # safe to acknowledge only after it ran and to requeue it when its worker dies.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_time_limit=settings.CELERY_TASK_TIME_LIMIT,
+    task_soft_time_limit=settings.CELERY_TASK_SOFT_TIME_LIMIT,
+    task_track_started=True,
+    result_expires=24 * 3600,
+    broker_transport_options={"visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT},
+    result_backend_transport_options={"visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT},
+    broker_connection_retry_on_startup=True,
+    task_default_queue="default",
+    # Video encodes use both cores: they get their own queue, served one at a time, so images
+    # and audio never wait behind a long encode.
+    task_queues=(Queue("default"), Queue("video")),
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler",
+    task_always_eager=settings.CELERY_TASK_ALWAYS_EAGER,
+    task_eager_propagates=False,
+)
+app.autodiscover_tasks(["tasks"], related_name="stages")

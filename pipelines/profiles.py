@@ -1,0 +1,97 @@
+"""Output profiles and input limits: every knob an operator may turn, in one place.
+
+They are frozen dataclasses so a stage cannot change them behind another stage's back; an
+operator overrides fields through ``settings.MEDIA_PROFILES`` (see ``Profiles.from_overrides``).
+The figures behind the defaults are in ``docs/decisions.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VideoProfile:
+    codec: str = "libsvtav1"
+    crf: int = 38
+    preset: int = 10
+    max_width: int = 1920
+    max_height: int = 1080
+    max_fps: float = 30.0
+    pix_fmt: str = "yuv420p"
+    # DASH segments are cut on keyframes, so the GOP is the segment length.
+    segment_seconds: float = 4.0
+
+
+@dataclass(frozen=True)
+class AudioProfile:
+    codec: str = "libopus"
+    bitrate: str = "128k"
+    sample_rate: int = 48000  # Opus only runs at 48 kHz (or its divisors)
+    max_channels: int = 2
+    # EBU R128 loudness normalisation targets (integrated, true peak, range).
+    loudness_i: float = -16.0
+    loudness_tp: float = -1.5
+    loudness_lra: float = 11.0
+
+
+@dataclass(frozen=True)
+class ImageProfile:
+    long_edge: int = 2048
+    avif_quality: int = 60
+    avif_speed: int = 8
+    webp_quality: int = 80
+    webp_method: int = 4
+
+
+@dataclass(frozen=True)
+class ThumbnailProfile:
+    width: int = 640
+    quality: int = 80
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Ceilings checked from the headers before a decoder runs, and enforced while it runs."""
+
+    max_image_pixels: int = 100_000_000
+    max_animation_frames: int = 2_000
+    max_video_pixels: int = 4096 * 2304
+    max_video_pixel_rate: int = 3840 * 2160 * 60  # width x height x frame rate
+    max_duration: float = 4 * 3600.0
+    max_audio_channels: int = 16
+    max_sample_rate: int = 384_000
+    max_file_bytes: int = 8 * 1024**3
+    # Per child process (decoder or ffmpeg): address space, CPU seconds, wall seconds.
+    memory_bytes: int = 3 * 1024**3
+    cpu_seconds: int = 3600
+    wall_seconds: float = 3600.0
+    probe_wall_seconds: float = 30.0
+    max_open_files: int = 256
+
+
+@dataclass(frozen=True)
+class Profiles:
+    video: VideoProfile = field(default_factory=VideoProfile)
+    audio: AudioProfile = field(default_factory=AudioProfile)
+    image: ImageProfile = field(default_factory=ImageProfile)
+    thumbnail: ThumbnailProfile = field(default_factory=ThumbnailProfile)
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, dict[str, Any]] | None) -> Profiles:
+        """Build profiles from ``{"video": {"crf": 32}, "limits": {...}}``; unknown keys fail loudly."""
+        overrides = overrides or {}
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown profile sections: {sorted(unknown)}")
+        parts = {}
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            parts[f.name] = dataclasses.replace(default, **overrides.get(f.name, {}))
+        return cls(**parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,147 @@
+"""Run untrusted decoding in a forked child with hard resource limits.
+
+A decoder bug, a decompression bomb or an out-of-memory kills the child, never the worker.
+We fork rather than spawn: the child inherits the already-imported Pillow/PyAV, so isolation
+costs a few milliseconds instead of an interpreter start (which would eat the image budget).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import resource
+import select
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pipelines.errors import MediaError, ProcessingTimeout, TooLarge, TransientError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ChildLimits:
+    memory_bytes: int
+    cpu_seconds: int
+    wall_seconds: float
+    max_open_files: int = 256
+    max_file_bytes: int = 16 * 1024**3
+
+
+@dataclass(frozen=True)
+class ChildStats:
+    peak_rss_bytes: int
+    seconds: float
+
+
+def apply_rlimits(limits: ChildLimits) -> None:
+    """Set the limits on the calling process; used in forked children and ffmpeg's preexec."""
+    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+    cpu = max(1, int(limits.cpu_seconds))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = min(limits.max_open_files, hard) if hard != resource.RLIM_INFINITY else limits.max_open_files
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+def run_isolated_with_stats(
+    fn: Callable[..., T], *args: Any, limits: ChildLimits, **kwargs: Any
+) -> tuple[T, ChildStats]:
+    """Call ``fn(*args, **kwargs)`` in a forked child under ``limits``; return its result and peak RSS."""
+    started = time.monotonic()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, reported through the pipe
+        os.close(read_fd)
+        status = 0
+        try:
+            # Default signal handlers: the worker's handlers must not run in the child.
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_DFL)
+            apply_rlimits(limits)
+            payload = pickle.dumps(("ok", fn(*args, **kwargs)))
+        except MediaError as exc:
+            payload = pickle.dumps(("err", exc))
+        except MemoryError:
+            payload = pickle.dumps(("err", TooLarge("The file needs more memory to decode than we allow.")))
+        except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+            err = MediaError(detail="".join(traceback.format_exception(exc))[-4000:])
+            try:
+                payload = pickle.dumps(("err", err))
+            except Exception:  # noqa: BLE001
+                payload = b""
+                status = 70
+        try:
+            view = memoryview(payload)
+            while view:
+                n = os.write(write_fd, view)
+                view = view[n:]
+        finally:
+            os._exit(status)
+
+    os.close(write_fd)
+    chunks: list[bytes] = []
+    deadline = started + limits.wall_seconds
+    timed_out = False
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select([read_fd], [], [], min(remaining, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(read_fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+        if timed_out:
+            _kill(pid)
+        # Reap in every case (also when the worker's soft time limit interrupts us).
+        try:
+            _, wait_status, usage = os.wait4(pid, 0)
+        except ChildProcessError:
+            wait_status, usage = 0, None
+        except BaseException:
+            _kill(pid)
+            os.waitpid(pid, 0)
+            raise
+    stats = ChildStats(
+        peak_rss_bytes=int(usage.ru_maxrss * 1024) if usage else 0,
+        seconds=time.monotonic() - started,
+    )
+    if timed_out:
+        raise ProcessingTimeout(f"Decoding took longer than {limits.wall_seconds:.0f} s.")
+    data = b"".join(chunks)
+    if os.WIFSIGNALED(wait_status) or not data:
+        sig = os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None
+        if sig == signal.SIGXCPU:
+            raise ProcessingTimeout("Decoding used more CPU time than allowed.")
+        name = signal.Signals(sig).name if sig else f"exit {os.WEXITSTATUS(wait_status)}"
+        # A crashed decoder might be a one-off (the machine killed it); retry, and the attempt
+        # counter fails a file that crashes it every time.
+        raise TransientError("The decoder crashed while reading this file.", detail=f"child ended by {name}")
+    kind, value = pickle.loads(data)
+    if kind == "err":
+        raise value
+    return value, stats
+
+
+def run_isolated(fn: Callable[..., T], *args: Any, limits: ChildLimits, **kwargs: Any) -> T:
+    return run_isolated_with_stats(fn, *args, limits=limits, **kwargs)[0]
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# `make run`: set up, then web + workers + beat (and a local Redis if none answers) until Ctrl-C.
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+ensure_venv
+export PATH="$VENV/bin:$PATH"
+export WEB_PORT=${WEB_PORT:-8000}
+procfile="$ROOT/.data/Procfile.run"
+mkdir -p "$ROOT/.data"
+cp Procfile "$procfile"
+if ! redis_reachable "${REDIS_URL:-redis://127.0.0.1:6379/0}"; then
+  ensure_redis_binary
+  log "no Redis answered; starting a local redis-server on 127.0.0.1:6379"
+  echo "redis: redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no" >>"$procfile"
+fi
+python manage.py migrate --noinput
+python manage.py collectstatic --noinput -v 0
+python manage.py ensure_admin
+log "open http://127.0.0.1:$WEB_PORT/ (admin: http://127.0.0.1:$WEB_PORT/admin/) - Ctrl-C stops everything"
+exec honcho start -f "$procfile" -d "$ROOT"

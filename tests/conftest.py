@@ -1,0 +1,202 @@
+"""Fixtures every test layer reuses: a real Celery worker, a live ASGI server, users, items.
+
+The worker and the server are subprocesses started once per run against the same SQLite file
+and Redis database as the tests (see ``tests/env_plugin.py``); tests that use them need
+committed data, hence ``transactional_db``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.env_plugin import ROOT, RUN_DIR, free_port
+
+TESTDATA = ROOT.parent / "shared" / "testdata"
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _subprocess_env() -> dict[str, str]:
+    from django.db import connection
+
+    env = dict(os.environ)
+    settings_dict = connection.settings_dict
+    if settings_dict["ENGINE"].endswith("sqlite3"):
+        env["DATABASE_URL"] = f"sqlite:///{settings_dict['NAME']}"
+    else:
+        env["DATABASE_URL"] = (
+            f"postgres://{settings_dict['USER']}:{settings_dict['PASSWORD']}@{settings_dict['HOST'] or '127.0.0.1'}:"
+            f"{settings_dict['PORT'] or 5432}/{settings_dict['NAME']}"
+        )
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Worker:
+    """A real ``celery worker`` process serving both queues."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        from config.celery import app
+
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.name = f"test-{os.getpid()}-{time.monotonic_ns()}@localhost"
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "default,video", "-c", "2",
+            "-n", self.name, "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=_subprocess_env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(lambda: self._alive() and app.control.ping([self.name], timeout=0.5), timeout=60, what="the worker")
+
+    def _alive(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}; log:\n{self.log.read_text()[-3000:]}")
+        return True
+
+    def pool_pids(self) -> list[int]:
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture(scope="session")
+def _worker_session(django_db_setup: None, django_db_blocker: Any) -> Iterator[Worker]:
+    with django_db_blocker.unblock():
+        worker = Worker(RUN_DIR / "logs" / "worker.log")
+        worker.start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def celery_worker(_worker_session: Worker, transactional_db: None) -> Worker:
+    """The running worker; restarted if an earlier test killed it."""
+    if not _worker_session.is_running():
+        _worker_session.start()
+    return _worker_session
+
+
+class AsgiServer:
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"],
+            cwd=ROOT, env=_subprocess_env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daphne exited; log:\n{self.log.read_text()[-3000:]}")
+            try:
+                return urllib.request.urlopen(f"{self.url}/healthz", timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_for(up, timeout=30, what="the ASGI server")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def _asgi_session(django_db_setup: None, django_db_blocker: Any) -> Iterator[AsgiServer]:
+    with django_db_blocker.unblock():
+        server = AsgiServer(RUN_DIR / "logs" / "daphne.log")
+        server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def asgi_server(_asgi_session: AsgiServer, transactional_db: None) -> AsgiServer:
+    return _asgi_session
+
+
+@pytest.fixture
+def tmp_storage(tmp_path: Path, settings: Any) -> Path:
+    """An empty local storage root and work root for tests that process in-process."""
+    root = tmp_path / "storage"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(root), "base_url": "/media/"},
+        },
+    }
+    settings.WORK_ROOT = tmp_path / "work"
+    return root
+
+
+@pytest.fixture
+def make_user(db: None) -> Callable[..., Any]:
+    from django.contrib.auth import get_user_model
+
+    counter = iter(range(1_000_000))
+
+    def make(username: str | None = None, *, staff: bool = False, password: str = "pw-123456") -> Any:
+        name = username or f"user{next(counter)}"
+        return get_user_model().objects.create_user(name, f"{name}@example.com", password, is_staff=staff)
+
+    return make
+
+
+@pytest.fixture
+def make_item(make_user: Callable[..., Any]) -> Callable[..., Any]:
+    """A MediaItem whose source is the given file, stored as an upload would be."""
+    from media_app.services import media_item_create, media_item_store_source
+
+    def make(path: Path, *, owner: Any = None, name: str | None = None) -> Any:
+        item = media_item_create(owner=owner or make_user(), original_name=name or path.name, size=path.stat().st_size)
+        with open(path, "rb") as fh:
+            media_item_store_source(item=item, fileobj=fh)
+        return item
+
+    return make
