@@ -110,13 +110,19 @@ def media_status_report(
     message: str = "",
     timing: tuple[str, float] | None = None,
     extra: dict[str, Any] | None = None,
+    record: bool = False,
 ) -> MediaItem | None:
     """Save a state change, record it in the history, then broadcast it. None if the item is gone."""
     with transaction.atomic():
         item = MediaItem.objects.select_for_update().filter(pk=item_id).first()
         if item is None:
             return None
-        transition = (status is not None and status != item.status) or (stage is not None and stage != item.stage)
+        transition = (
+            record
+            or (status is not None and status != item.status)
+            or (stage is not None and stage != item.stage)
+            or (attempts is not None and attempts != item.attempts)
+        )
         now = timezone.now()
         if status is not None:
             if status == MediaStatus.PROCESSING and item.started_at is None:

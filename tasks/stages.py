@@ -19,7 +19,7 @@ from django.conf import settings
 from django.core.files.storage import default_storage
 
 from media_app.models import MediaItem, MediaStatus
-from media_app.services import ErrorReport, media_progress_report, media_status_report
+from media_app.services import media_progress_report, media_status_report
 from pipelines.errors import MediaError
 from tasks import bindings, workspace
 from tasks.retry import RETRYABLE_ERRORS, classify
@@ -113,6 +113,7 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     started = time.monotonic()
     if workspace.stage_done(item_id, stage):
         logger.info("stage skipped item=%s stage=%s (already done)", item_id, stage)
+        media_status_report(item_id=item_id, progress=int(span[1]), message=f"{stage} skipped: already done", record=True)
         return {"stage": stage, "skipped": True}
     workspace.clear_tmp(item_id)
     tmp = workspace.new_tmp_dir(item_id, stage)
@@ -164,7 +165,7 @@ def process(self: Task, item_id: str) -> str | None:
         return None
     if not item.kind:
         try:
-            kind, content_type, info = bindings.detect(item, settings_profiles())
+            kind, content_type, info = bindings.detect(item, bindings.profiles())
         except MediaError as exc:
             report = classify(exc)
             media_status_report(item_id=item_id, status=MediaStatus.FAILED, error=report, message=report.message)
@@ -175,12 +176,3 @@ def process(self: Task, item_id: str) -> str | None:
     result = build_chain(item).apply_async()
     return str(result.id)
 
-
-def settings_profiles() -> Any:
-    return bindings.profiles()
-
-
-def fail_item(item_id: Any, code: str, message: str, detail: str = "") -> None:
-    media_status_report(
-        item_id=item_id, status=MediaStatus.FAILED, error=ErrorReport(code, message, detail), message=message
-    )

@@ -1,0 +1,167 @@
+"""The real chain on the real worker through Redis: outputs, history, retries, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.core.files.storage import default_storage
+from PIL import Image
+
+from media_app.models import MediaItem, StatusEvent
+from media_app.services import item_group, media_processing_start
+from tests.conftest import ROOT, RUN_DIR, Worker, _subprocess_env, wait_for
+from tests.media import drawn_image, lavfi_audio, lavfi_video
+
+pytestmark = pytest.mark.worker
+
+
+def _finished(item: MediaItem) -> MediaItem | None:
+    item.refresh_from_db()
+    return item if item.is_final else None
+
+
+def _roles(item: MediaItem) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in item.renditions.all():
+        out.setdefault(r.role, []).append(r)
+    return out
+
+
+def test_image_upload_is_processed_by_the_worker(celery_worker, make_item, tmp_path):
+    item = make_item(drawn_image(tmp_path / "photo.jpg", size=(800, 600)))
+    assert media_processing_start(item=item)
+
+    wait_for(lambda: _finished(item), timeout=60, what="the image to finish")
+
+    assert item.status == "Completed", item.error_message
+    assert item.kind == "image" and item.progress == 100
+    roles = _roles(item)
+    for role, fmt in (("image_avif", "AVIF"), ("image_webp", "WEBP")):
+        (rendition,) = roles[role]
+        with default_storage.open(rendition.storage_key) as fh, Image.open(fh) as img:
+            assert img.format == fmt and img.size == (800, 600)
+
+
+def test_video_chain_runs_every_stage_in_order_with_rising_progress(celery_worker, make_item, tmp_path):
+    layer = get_channel_layer()
+    item = make_item(lavfi_video(tmp_path / "clip.mp4", seconds=3))
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(item_group(item.pk), channel)
+    media_processing_start(item=item)
+
+    events = []
+    while not events or events[-1]["status"] not in ("Completed", "Failed"):
+        events.append(async_to_sync(_receive)(layer, channel, 90)["item"])
+
+    assert events[-1]["status"] == "Completed", events[-1]
+    stages = [e["stage"] for e in events if e["status"] == "Processing"]
+    order = ["demux", "decode", "normalize", "filter", "encode", "mux", "chunk", "previews", "store"]
+    assert [s for i, s in enumerate(stages) if i == 0 or s != stages[i - 1]] == order
+    progress = [e["progress"] for e in events]
+    assert progress == sorted(progress) and progress[-1] == 100
+    assert [e["seq"] for e in events] == sorted(set(e["seq"] for e in events))
+
+    item.refresh_from_db()
+    roles = _roles(item)
+    (video,) = roles["video"]
+    with default_storage.open(video.storage_key) as fh, av.open(fh) as container:
+        codecs = sorted(s.codec_context.name for s in container.streams)
+        assert codecs == ["libdav1d", "opus"] or codecs == ["av1", "opus"]
+        assert "webm" in container.format.name
+    assert video.width == 320 and video.height == 240 and abs(video.duration - 3) < 0.2
+    assert roles["manifest"] and roles["segment"] and roles["thumbnail"]
+    history = list(StatusEvent.objects.filter(item=item).values_list("status", flat=True))
+    assert history[0] == "Pending" and history[-1] == "Completed"
+
+
+async def _receive(layer, channel, timeout):
+    import asyncio
+
+    return await asyncio.wait_for(layer.receive(channel), timeout)
+
+
+def test_audio_becomes_opus_webm(celery_worker, make_item, tmp_path):
+    item = make_item(lavfi_audio(tmp_path / "song.mp3", seconds=4))
+    media_processing_start(item=item)
+    wait_for(lambda: _finished(item), timeout=60, what="the audio to finish")
+    assert item.status == "Completed", item.error_message
+    (audio,) = _roles(item)["audio"]
+    assert audio.content_type == "audio/webm" and audio.codec == "opus"
+    with default_storage.open(audio.storage_key) as fh, av.open(fh) as container:
+        assert [s.codec_context.name for s in container.streams] == ["opus"]
+        assert container.streams[0].codec_context.sample_rate == 48000
+
+
+def test_garbage_fails_at_once_with_a_readable_reason_and_the_worker_goes_on(celery_worker, make_item, tmp_path):
+    garbage = tmp_path / "movie.mp4"
+    garbage.write_bytes(b"<html><script>alert(1)</script></html>" * 100)
+    bad = make_item(garbage)
+    good = make_item(drawn_image(tmp_path / "ok.png", fmt="PNG"))
+    media_processing_start(item=bad)
+    media_processing_start(item=good)
+
+    wait_for(lambda: _finished(bad) and _finished(good), timeout=60, what="both items")
+
+    assert (bad.status, bad.error_code) == ("Failed", "invalid_input")
+    assert bad.error_message == "The file is not a video, audio or image file we can read."
+    assert bad.renditions.count() == 0
+    assert good.status == "Completed"
+    assert celery_worker.is_running()
+
+
+def test_a_retryable_error_is_tried_three_times_then_fails(make_item, tmp_path, transactional_db, _worker_session):
+    """A wall-clock limit far too small for the encode: each attempt times out (retryable)."""
+    env_worker = Worker(RUN_DIR / "logs" / "worker-tiny-limit.log")
+    item = make_item(lavfi_video(tmp_path / "clip.mp4", seconds=6, size="640x360"))
+    os.environ["MEDIA_PROFILES"] = '{"limits": {"wall_seconds": 0.3}}'
+    try:
+        _worker_session.stop()  # only the tiny-limit worker may take this item
+        env_worker.start()
+    finally:
+        del os.environ["MEDIA_PROFILES"]
+    try:
+        media_processing_start(item=item)
+        wait_for(lambda: _finished(item), timeout=120, what="the item to fail")
+    finally:
+        env_worker.stop()
+        _worker_session.start()
+
+    assert (item.status, item.error_code) == ("Failed", "timeout")
+    attempts = list(
+        StatusEvent.objects.filter(item=item, stage=item.stage, status="Processing").values_list("attempt", flat=True)
+    )
+    assert attempts == [1, 2, 3]
+    assert item.attempts == 3
+
+
+def test_a_rerun_after_a_crash_resumes_without_redoing_the_encode(make_item, tmp_path, tmp_storage, settings):
+    """Run the chain up to encode in-process, as if the worker died then; the rerun skips it."""
+    from tasks.stages import STAGE_TASKS, build_chain
+
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    item = make_item(lavfi_video(tmp_path / "clip.mp4", seconds=2))
+    item.kind = "video"
+    item.save()
+    for stage in ("demux", "decode", "normalize", "filter", "encode"):
+        STAGE_TASKS[stage].apply(args=[str(item.pk)]).get()
+    item.refresh_from_db()
+    first_encode_seconds = item.timings["encode"]
+    assert item.status == "Processing" and item.stage == "encode"
+
+    build_chain(item).apply().get()
+
+    item.refresh_from_db()
+    assert item.status == "Completed", item.error_message
+    messages = list(StatusEvent.objects.filter(item=item).values_list("message", flat=True))
+    for stage in ("demux", "decode", "normalize", "filter", "encode"):
+        assert f"{stage} skipped: already done" in messages
+    assert "mux skipped: already done" not in messages
+    assert item.timings["encode"] == first_encode_seconds
