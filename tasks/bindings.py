@@ -20,7 +20,7 @@ from media_app.services import output_key_for, renditions_replace
 from pipelines import av, images
 from pipelines.profiles import Profiles
 from pipelines.results import Output
-from pipelines.sniff import sniff
+from pipelines.detect import detect
 
 if TYPE_CHECKING:
     from media_app.models import MediaItem
@@ -62,17 +62,13 @@ def profiles() -> Profiles:
     return Profiles.from_overrides(settings.MEDIA_PROFILES)
 
 
-def detect(item: MediaItem, prof: Profiles) -> tuple[str, str, dict[str, Any]]:
+def detect_item(item: MediaItem, prof: Profiles) -> tuple[str, str, dict[str, Any]]:
     """Kind and type from the content: magic bytes, then (for audio/video) a sandboxed probe."""
     from tasks.stages import StageContext
 
     path = StageContext(item, "detect", Path(), (0, 0)).source_path()
-    sniffed = sniff(path)
-    if sniffed.kind == "image":
-        return "image", sniffed.mime, {}
-    kind, info = av.detect_kind(path, limits=prof.limits)
-    mime = sniffed.mime.replace("video/", "audio/") if kind == "audio" and sniffed.mime.startswith("video/") else sniffed.mime
-    return kind, mime, {"duration": info.duration, "media_info": av.info_summary(info)}
+    found = detect(path, limits=prof.limits)
+    return found.kind, found.mime, {"duration": found.duration, "media_info": found.summary}
 
 
 # --- bindings: one function per (kind, stage) --------------------------------------------------

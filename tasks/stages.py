@@ -165,7 +165,7 @@ def process(self: Task, item_id: str) -> str | None:
         return None
     if not item.kind:
         try:
-            kind, content_type, info = bindings.detect(item, bindings.profiles())
+            kind, content_type, info = bindings.detect_item(item, bindings.profiles())
         except MediaError as exc:
             report = classify(exc)
             media_status_report(item_id=item_id, status=MediaStatus.FAILED, error=report, message=report.message)

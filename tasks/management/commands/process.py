@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -12,8 +13,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
-from django.db.migrations.executor import MigrationExecutor
 from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -32,6 +33,9 @@ class Command(BaseCommand):
         if missing:
             self.stderr.write(f"not a file: {', '.join(missing)}")
             sys.exit(EXIT_USAGE)
+        if options["verbosity"] < 2:
+            # Stage logs are for workers; here the summary is the output.
+            logging.getLogger().setLevel(logging.WARNING)
         self._embedded_mode()
         owner, _ = get_user_model().objects.get_or_create(username=options["owner"])
 
