@@ -13,7 +13,8 @@ import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+if (BASE_DIR / ".env").exists():
+    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DATA_DIR = Path(env.str("DATA_DIR", default=str(BASE_DIR / ".data"))).resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
@@ -164,4 +165,78 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
+
+# --- API and uploads ------------------------------------------------------------------------
+INSTALLED_APPS += ["rest_framework", "rest_framework.authtoken", "drf_spectacular"]
+
+REST_FRAMEWORK = {
+    # Token first: an anonymous call then answers 401 with `WWW-Authenticate: Token`.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "media_app.api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "cpc-media API",
+    "DESCRIPTION": "Upload media (presigned PUT or tus 1.0), watch it being processed, download the results.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# Upload bodies never pass through `request.body`: the views read them in chunks from the
+# request stream, which Django's ASGI handler spools to a temporary file above
+# FILE_UPLOAD_MAX_MEMORY_SIZE. So the in-memory cap stays small for every other (JSON) body.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=2_621_440)
+FILE_UPLOAD_MAX_MEMORY_SIZE = env.int("FILE_UPLOAD_MAX_MEMORY_SIZE", default=2_621_440)
+
+# Largest file accepted (declared at create, and again while the bytes arrive).
+UPLOAD_MAX_BYTES = env.int("UPLOAD_MAX_BYTES", default=8 * 1024**3)
+# Types accepted, judged from the content (magic bytes), never from the name or declared type.
+UPLOAD_ALLOWED_CONTENT_TYPES = env.list(
+    "UPLOAD_ALLOWED_CONTENT_TYPES",
+    default=[
+        "video/mp4",
+        "video/quicktime",
+        "video/x-msvideo",
+        "video/x-matroska",
+        "video/webm",
+        "audio/mpeg",
+        "audio/wav",
+        "audio/flac",
+        "audio/ogg",
+        "audio/mp4",
+        "audio/aac",
+        "image/jpeg",
+        "image/png",
+        "image/gif",
+        "image/webp",
+        "image/heic",
+    ],
+)
+# Per user: bytes held (uploaded or announced) and uploads started but not completed.
+UPLOAD_QUOTA_BYTES = env.int("UPLOAD_QUOTA_BYTES", default=50 * 1024**3)
+UPLOAD_MAX_UNFINISHED = env.int("UPLOAD_MAX_UNFINISHED", default=10)
+# Creates per user (DRF rate syntax: "30/minute", "500/day").
+UPLOAD_CREATE_RATE = env.str("UPLOAD_CREATE_RATE", default="30/minute")
+# Lifetime of a presigned upload URL, of a download URL, and of an idle tus upload.
+UPLOAD_URL_EXPIRY_SECONDS = env.int("UPLOAD_URL_EXPIRY_SECONDS", default=3600)
+DOWNLOAD_URL_EXPIRY_SECONDS = env.int("MEDIA_URL_EXPIRY_SECONDS", default=3600)
+UPLOAD_EXPIRY_SECONDS = env.int("UPLOAD_EXPIRY_SECONDS", default=24 * 3600)
+# Partial tus uploads are assembled here and moved (local) or pushed (S3) to storage when
+# complete. Several web machines need it on a shared volume, like WORK_ROOT.
+UPLOAD_STAGING_DIR = Path(env.str("UPLOAD_STAGING_DIR", default=str(DATA_DIR / "uploads-partial")))
+# Rate-limit counters and upload locks must be shared by every web process: Redis.
+UPLOADS_REDIS_URL = env.str("UPLOADS_REDIS_URL", default=REDIS_URL)
+CACHES = globals().get("CACHES") or {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+CACHES["uploads"] = {
+    "BACKEND": "django.core.cache.backends.redis.RedisCache",
+    "LOCATION": UPLOADS_REDIS_URL,
+    "KEY_PREFIX": "uploads",
 }
