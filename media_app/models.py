@@ -47,6 +47,8 @@ class MediaItem(models.Model):
     event_seq = models.BigIntegerField(default=0)
     task_id = models.CharField(max_length=64, blank=True)
     duration = models.FloatField(null=True, blank=True, help_text="Seconds of audio/video in the source.")
+    # Seconds left as estimated at ``updated_at`` from the encode speed measured so far.
+    eta_seconds = models.FloatField(null=True, blank=True)
     media_info = models.JSONField(default=dict, blank=True)
     # Seconds spent in each finished stage, for the CLI summary, the admin and the benchmarks.
     timings = models.JSONField(default=dict, blank=True)

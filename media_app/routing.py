@@ -1,4 +1,8 @@
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-# Websocket consumers (live status) are added by the live-status work.
-websocket_urlpatterns: list = []
+from media_app.consumers import MediaItemConsumer, MediaListConsumer
+
+websocket_urlpatterns = [
+    path("ws/media/", MediaListConsumer.as_asgi()),
+    path("ws/media/<str:item_id>/", MediaItemConsumer.as_asgi()),
+]

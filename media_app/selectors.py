@@ -6,8 +6,9 @@ from typing import Any
 
 from django.core.files.storage import default_storage
 from django.db.models import QuerySet
+from django.utils import timezone
 
-from media_app.models import MediaItem, Rendition
+from media_app.models import MediaItem, MediaKind, MediaStatus, Rendition
 
 
 def media_item_get(*, item_id: Any) -> MediaItem | None:
@@ -44,10 +45,13 @@ def media_item_payload(item: MediaItem, *, with_outputs: bool = True) -> dict[st
         "progress": item.progress,
         "attempts": item.attempts,
         "error": {"code": item.error_code, "message": item.error_message} if item.error_code else None,
+        "queue_position": media_item_queue_position(item),
+        "eta_seconds": media_item_eta_seconds(item),
         "size": item.size,
         "created_at": item.created_at.isoformat() if item.created_at else None,
         "started_at": item.started_at.isoformat() if item.started_at else None,
         "finished_at": item.finished_at.isoformat() if item.finished_at else None,
+        "updated_at": item.updated_at.isoformat() if item.updated_at else None,
     }
     if with_outputs and item.status == "Completed":
         payload["outputs"] = [rendition_payload(r) for r in item.renditions.exclude(role="segment")]
@@ -60,3 +64,30 @@ def rendition_local_path(rendition: Rendition) -> str | None:
         return default_storage.path(rendition.storage_key)
     except NotImplementedError:
         return None
+
+
+def media_item_queue_position(item: MediaItem) -> int | None:
+    """1 for the next item its queue will take; None unless the item waits in a queue."""
+    if item.status != MediaStatus.PENDING or not item.task_id:
+        return None
+    # Videos have a queue of their own (one encode at a time); everything else shares one.
+    same_queue = (
+        MediaItem.objects.filter(kind=MediaKind.VIDEO)
+        if item.kind == MediaKind.VIDEO
+        else MediaItem.objects.exclude(kind=MediaKind.VIDEO)
+    )
+    ahead = same_queue.filter(status=MediaStatus.PENDING, created_at__lt=item.created_at).exclude(task_id="")
+    return ahead.count() + 1
+
+
+def media_item_eta_seconds(item: MediaItem) -> float | None:
+    """Seconds left: the stage's own estimate (encode speed) when it gave one, else the overall pace."""
+    if item.status != MediaStatus.PROCESSING:
+        return None
+    now = timezone.now()
+    if item.eta_seconds is not None and item.updated_at:
+        return round(max(0.0, item.eta_seconds - (now - item.updated_at).total_seconds()), 1)
+    if item.started_at and item.progress >= 5:
+        elapsed = (now - item.started_at).total_seconds()
+        return round(elapsed * (100 - item.progress) / item.progress, 1)
+    return None

@@ -55,9 +55,7 @@ def output_key_for(item_id: Any, name: str) -> str:
     return f"outputs/{item_id}/{name}"
 
 
-def media_item_create(
-    *, owner: Any, original_name: str, size: int = 0, declared_content_type: str = ""
-) -> MediaItem:
+def media_item_create(*, owner: Any, original_name: str, size: int = 0, declared_content_type: str = "") -> MediaItem:
     item = MediaItem(owner=owner, original_name=original_name[:1024], size=size)
     item.declared_content_type = declared_content_type[:255]
     item.source_key = source_key_for(item.pk)
@@ -167,7 +165,7 @@ def media_status_report(
 _last_progress: dict[str, float] = {}
 
 
-def media_progress_report(*, item_id: Any, progress: int) -> None:
+def media_progress_report(*, item_id: Any, progress: int, eta_seconds: float | None = None) -> None:
     """Throttled progress: at most MEDIA_PROGRESS_PER_SECOND saves+broadcasts per item."""
     key = str(item_id)
     now = time.monotonic()
@@ -176,7 +174,7 @@ def media_progress_report(*, item_id: Any, progress: int) -> None:
     _last_progress[key] = now
     progress = min(int(progress), 99)
     updated = MediaItem.objects.filter(pk=item_id, progress__lt=progress, status=MediaStatus.PROCESSING).update(
-        progress=progress, event_seq=F("event_seq") + 1, updated_at=timezone.now()
+        progress=progress, eta_seconds=eta_seconds, event_seq=F("event_seq") + 1, updated_at=timezone.now()
     )
     if updated:
         item = MediaItem.objects.filter(pk=item_id).first()
@@ -193,7 +191,7 @@ def media_broadcast(item: MediaItem) -> None:
     try:
         async_to_sync(layer.group_send)(item_group(item.pk), event)
         async_to_sync(layer.group_send)(owner_group(item.owner_id), event)
-    except Exception:  # noqa: BLE001 - a broadcast failure must not fail the stage
+    except Exception:
         logger.warning("broadcast failed for %s", item.pk, exc_info=True)
 
 

@@ -7,6 +7,7 @@ costs a few milliseconds instead of an interpreter start (which would eat the im
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import resource
@@ -45,7 +46,7 @@ def apply_rlimits(limits: ChildLimits) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     n = min(limits.max_open_files, hard) if hard != resource.RLIM_INFINITY else limits.max_open_files
     resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
@@ -141,7 +142,5 @@ def run_isolated(fn: Callable[..., T], *args: Any, limits: ChildLimits, **kwargs
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

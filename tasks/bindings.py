@@ -18,9 +18,9 @@ from django.core.files.storage import default_storage
 
 from media_app.services import output_key_for, renditions_replace
 from pipelines import av, images
+from pipelines.detect import detect
 from pipelines.profiles import Profiles
 from pipelines.results import Output
-from pipelines.detect import detect
 
 if TYPE_CHECKING:
     from media_app.models import MediaItem
@@ -29,8 +29,15 @@ if TYPE_CHECKING:
 # Stage name -> share of the progress bar. Encode dominates wall time, so it gets most of it.
 WEIGHTS: dict[str, dict[str, float]] = {
     "video": {
-        "demux": 2, "decode": 6, "normalize": 5, "filter": 1, "encode": 72,
-        "mux": 2, "chunk": 2, "previews": 3, "store": 7,
+        "demux": 2,
+        "decode": 6,
+        "normalize": 5,
+        "filter": 1,
+        "encode": 72,
+        "mux": 2,
+        "chunk": 2,
+        "previews": 3,
+        "store": 7,
     },
     "audio": {"demux": 3, "decode": 8, "normalize": 14, "filter": 1, "encode": 60, "mux": 4, "store": 10},
     "image": {"decode": 25, "normalize": 5, "encode": 55, "store": 15},
@@ -98,8 +105,15 @@ def run(ctx: StageContext) -> Any:
         return av.build_filters(plan, profiles=prof)
     if stage == "encode":
         return av.encode(
-            demuxed, ctx.dir("demux"), ctx.result("filter", av.FilterSpec), plan, ctx.out_dir,
-            profiles=prof, limits=limits, progress=ctx.progress, cancel=ctx.cancelled,
+            demuxed,
+            ctx.dir("demux"),
+            ctx.result("filter", av.FilterSpec),
+            plan,
+            ctx.out_dir,
+            profiles=prof,
+            limits=limits,
+            progress=ctx.progress,
+            cancel=ctx.cancelled,
         )
     if stage == "mux":
         return av.mux(ctx.result("encode", av.EncodeResult), ctx.dir("encode"), ctx.out_dir, limits=limits)
@@ -141,8 +155,14 @@ def _store(ctx: StageContext) -> StoreResult:
             _put(ctx.dir(stage) / out.file, key)
             records.append(
                 {
-                    "role": out.role, "storage_key": key, "content_type": out.content_type, "codec": out.codec,
-                    "width": out.width, "height": out.height, "duration": out.duration, "bytes": out.bytes,
+                    "role": out.role,
+                    "storage_key": key,
+                    "content_type": out.content_type,
+                    "codec": out.codec,
+                    "width": out.width,
+                    "height": out.height,
+                    "duration": out.duration,
+                    "bytes": out.bytes,
                 }
             )
     renditions_replace(item_id=ctx.item_id, renditions=records)

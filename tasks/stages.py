@@ -54,6 +54,7 @@ class StageContext:
         self._span = span
         self._last_cancel_check = 0.0
         self._cancelled = False
+        self._started = time.monotonic()
 
     def source_path(self) -> Path:
         """The upload as a local file: in place on local storage, fetched once from S3."""
@@ -75,8 +76,22 @@ class StageContext:
         return workspace.load_result(self.item_id, stage, cls)
 
     def progress(self, fraction: float) -> None:
+        fraction = max(0.0, min(fraction, 1.0))
         start, end = self._span
-        media_progress_report(item_id=self.item_id, progress=int(start + (end - start) * max(0.0, min(fraction, 1.0))))
+        media_progress_report(
+            item_id=self.item_id, progress=int(start + (end - start) * fraction), eta_seconds=self._eta(fraction)
+        )
+
+    def _eta(self, fraction: float) -> float | None:
+        """Time left from the speed measured so far in this stage, plus the stages after it."""
+        elapsed = time.monotonic() - self._started
+        if fraction < 0.02 or elapsed < 1.0:
+            return None
+        stage_total = elapsed / fraction
+        start, end = self._span
+        # Later stages take their share of the bar at the pace this one set.
+        rest = stage_total * (99 - end) / max(end - start, 1.0)
+        return round(stage_total - elapsed + rest, 1)
 
     def cancelled(self) -> bool:
         # Polled by the ffmpeg runner; one query a second at most.
@@ -101,7 +116,7 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
         stage=stage,
         attempts=attempts,
         progress=int(span[0]),
-        extra={"task_id": task.request.id or ""},
+        extra={"task_id": task.request.id or "", "eta_seconds": None},
         message=f"{stage} started" + (f" (attempt {attempts})" if attempts > 1 else ""),
     )
     if attempts > settings.MEDIA_MAX_ATTEMPTS:
@@ -113,7 +128,9 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     started = time.monotonic()
     if workspace.stage_done(item_id, stage):
         logger.info("stage skipped item=%s stage=%s (already done)", item_id, stage)
-        media_status_report(item_id=item_id, progress=int(span[1]), message=f"{stage} skipped: already done", record=True)
+        media_status_report(
+            item_id=item_id, progress=int(span[1]), message=f"{stage} skipped: already done", record=True
+        )
         return {"stage": stage, "skipped": True}
     workspace.clear_tmp(item_id)
     tmp = workspace.new_tmp_dir(item_id, stage)
@@ -170,9 +187,9 @@ def process(self: Task, item_id: str) -> str | None:
             report = classify(exc)
             media_status_report(item_id=item_id, status=MediaStatus.FAILED, error=report, message=report.message)
             return None
-        item = media_status_report(
-            item_id=item_id, extra={"kind": kind, "detected_content_type": content_type, **info}
-        ) or item
+        item = (
+            media_status_report(item_id=item_id, extra={"kind": kind, "detected_content_type": content_type, **info})
+            or item
+        )
     result = build_chain(item).apply_async()
     return str(result.id)
-

@@ -65,11 +65,29 @@ class Worker:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.name = f"test-{os.getpid()}-{time.monotonic_ns()}@localhost"
         cmd = [
-            sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "default,video", "-c", "2",
-            "-n", self.name, "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "worker",
+            "-Q",
+            "default,video",
+            "-c",
+            "2",
+            "-n",
+            self.name,
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
         ]
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=_subprocess_env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            cmd,
+            cwd=ROOT,
+            env=_subprocess_env(),
+            stdout=open(self.log, "ab")  # noqa: SIM115 - lives as long as the process,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         wait_for(lambda: self._alive() and app.control.ping([self.name], timeout=0.5), timeout=60, what="the worker")
@@ -126,7 +144,10 @@ class AsgiServer:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"],
-            cwd=ROOT, env=_subprocess_env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=_subprocess_env(),
+            stdout=open(self.log, "ab")  # noqa: SIM115 - lives as long as the process,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 

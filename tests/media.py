@@ -11,7 +11,16 @@ from pipelines.runner import ffmpeg_exe
 
 
 def lavfi_video(path: Path, *, seconds: float = 3, size: str = "320x240", rate: int = 25, audio: bool = True) -> Path:
-    args = [ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}:duration={seconds}"]
+    args = [
+        ffmpeg_exe(),
+        "-v",
+        "error",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        f"testsrc2=size={size}:rate={rate}:duration={seconds}",
+    ]
     if audio:
         args += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=44100:duration={seconds}"]
     args += ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
@@ -23,8 +32,19 @@ def lavfi_video(path: Path, *, seconds: float = 3, size: str = "320x240", rate: 
 
 def lavfi_audio(path: Path, *, seconds: float = 3, codec: str = "libmp3lame") -> Path:
     subprocess.run(
-        [ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"sine=frequency=330:duration={seconds}",
-         "-c:a", codec, str(path)],
+        [
+            ffmpeg_exe(),
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=330:duration={seconds}",
+            "-c:a",
+            codec,
+            str(path),
+        ],
         check=True,
     )
     return path

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import av
 import pytest
@@ -17,7 +13,7 @@ from PIL import Image
 
 from media_app.models import MediaItem, StatusEvent
 from media_app.services import item_group, media_processing_start
-from tests.conftest import ROOT, RUN_DIR, Worker, _subprocess_env, wait_for
+from tests.conftest import RUN_DIR, Worker, wait_for
 from tests.media import drawn_image, lavfi_audio, lavfi_video
 
 pytestmark = pytest.mark.worker

@@ -11,8 +11,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import av
-import pytest
 import pillow_heif
+import pytest
 from PIL import Image, ImageOps, ImageStat
 
 from tests.conftest import ROOT, TESTDATA
@@ -29,10 +29,18 @@ def reports(tmp_path_factory) -> dict[str, dict]:
     env.pop("DATABASE_URL", None)
     proc = subprocess.run(
         [sys.executable, "manage.py", "process", "--json", *map(str, REAL)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0, (proc.returncode, [r for r in lines if r["status"] != "Completed"], proc.stderr[-3000:])
+    assert proc.returncode == 0, (
+        proc.returncode,
+        [r for r in lines if r["status"] != "Completed"],
+        proc.stderr[-3000:],
+    )
     return {Path(r["input"]).name: r for r in lines}
 
 
