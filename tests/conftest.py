@@ -52,7 +52,14 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
-class Worker:
+class _Logged:
+    log: Path
+
+    def _log_file(self) -> Any:
+        return open(self.log, "ab")  # noqa: SIM115 - handed to the child process, which outlives this call
+
+
+class Worker(_Logged):
     """A real ``celery worker`` process serving both queues."""
 
     def __init__(self, log: Path) -> None:
@@ -86,7 +93,7 @@ class Worker:
             cmd,
             cwd=ROOT,
             env=_subprocess_env(),
-            stdout=open(self.log, "ab")  # noqa: SIM115 - lives as long as the process,
+            stdout=self._log_file(),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -132,7 +139,7 @@ def celery_worker(_worker_session: Worker, transactional_db: None) -> Worker:
     return _worker_session
 
 
-class AsgiServer:
+class AsgiServer(_Logged):
     def __init__(self, log: Path) -> None:
         self.log = log
         self.port = free_port()
@@ -146,7 +153,7 @@ class AsgiServer:
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"],
             cwd=ROOT,
             env=_subprocess_env(),
-            stdout=open(self.log, "ab")  # noqa: SIM115 - lives as long as the process,
+            stdout=self._log_file(),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
