@@ -56,7 +56,7 @@ class _Logged:
     log: Path
 
     def _log_file(self) -> Any:
-        return open(self.log, "ab")  # noqa: SIM115 - handed to the child process, which outlives this call
+        return open(self.log, "ab")
 
 
 class Worker(_Logged):
