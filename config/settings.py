@@ -25,7 +25,6 @@ ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhos
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -115,6 +114,7 @@ if STORAGE_BACKEND == "s3":
             "secret_key": env.str("AWS_SECRET_ACCESS_KEY", default=None),
             "file_overwrite": False,
             "querystring_expire": env.int("MEDIA_URL_EXPIRY_SECONDS", default=3600),
+            "signature_version": env.str("AWS_S3_SIGNATURE_VERSION", default="s3v4"),
         },
     }
 else:
@@ -181,7 +181,6 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "media_app.api.errors.exception_handler",
-    "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "cpc-media API",

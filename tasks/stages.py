@@ -63,6 +63,7 @@ class StageContext:
         except NotImplementedError:
             local = workspace.item_dir(self.item_id) / "source"
             if not local.exists():
+                local.parent.mkdir(parents=True, exist_ok=True)
                 tmp = local.with_suffix(".part")
                 with default_storage.open(self.item.source_key, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)

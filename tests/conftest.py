@@ -150,7 +150,17 @@ class AsgiServer(_Logged):
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "config.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-access-log",
+            ],
             cwd=ROOT,
             env=_subprocess_env(),
             stdout=self._log_file(),
@@ -160,7 +170,7 @@ class AsgiServer(_Logged):
 
         def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"daphne exited; log:\n{self.log.read_text()[-3000:]}")
+                raise AssertionError(f"the ASGI server exited; log:\n{self.log.read_text()[-3000:]}")
             try:
                 return urllib.request.urlopen(f"{self.url}/healthz", timeout=1).status == 200
             except OSError:
@@ -177,7 +187,7 @@ class AsgiServer(_Logged):
 @pytest.fixture(scope="session")
 def _asgi_session(django_db_setup: None, django_db_blocker: Any) -> Iterator[AsgiServer]:
     with django_db_blocker.unblock():
-        server = AsgiServer(RUN_DIR / "logs" / "daphne.log")
+        server = AsgiServer(RUN_DIR / "logs" / "asgi.log")
         server.start()
     yield server
     server.stop()

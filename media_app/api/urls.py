@@ -1,0 +1,18 @@
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView
+
+from media_app.api import tus, views
+
+app_name = "api"
+
+urlpatterns = [
+    path("media/", views.MediaListCreateApi.as_view(), name="media-list"),
+    path("media/<str:item_id>", views.MediaDetailApi.as_view(), name="media-detail"),
+    path("media/<str:item_id>/complete", views.MediaCompleteApi.as_view(), name="media-complete"),
+    path("media/<str:item_id>/retry", views.MediaRetryApi.as_view(), name="media-retry"),
+    path("uploads/<str:token>", views.upload_put, name="upload-put"),
+    path("files/<str:token>", views.file_download, name="file"),
+    path("tus/", tus.TusCreateApi.as_view(), name="tus"),
+    path("tus/<str:item_id>", tus.TusUploadApi.as_view(), name="tus-upload"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+]

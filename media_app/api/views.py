@@ -1,0 +1,271 @@
+"""API views: each validates its input, calls one service or selector, and shapes the answer.
+
+A foreign item answers 404 like a missing one, so ids reveal nothing. The two token URLs (our
+presigned PUT and download) are plain Django views: the signed token is their credential, and
+they stream bodies in chunks rather than through a parser.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import PurePosixPath
+from typing import IO, Any
+
+from asgiref.sync import sync_to_async
+from django.core.files.storage import default_storage
+from django.core.handlers.asgi import ASGIRequest
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.urls import reverse
+from django.utils.http import content_disposition_header
+from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status
+from rest_framework.exceptions import NotFound
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from media_app.api.errors import json_error
+from media_app.api.serializers import (
+    ErrorOutput,
+    MediaCreatedOutput,
+    MediaCreateInput,
+    MediaItemOutput,
+    MediaListFilter,
+)
+from media_app.api.signing import (
+    TokenRefused,
+    download_token_read,
+    download_url,
+    upload_target,
+    upload_token_read,
+)
+from media_app.api.throttles import UploadCreateThrottle
+from media_app.models import MediaItem
+from media_app.selectors import media_item_get, media_item_payload, media_items_for_user
+from media_app.uploads import (
+    UploadRefused,
+    upload_complete,
+    upload_create,
+    upload_delete,
+    upload_expires_at,
+    upload_is_open,
+    upload_offset,
+    upload_retry,
+    upload_store,
+)
+
+STREAM_CHUNK = 512 * 1024
+ERRORS = {400: ErrorOutput, 401: ErrorOutput, 404: ErrorOutput, 409: ErrorOutput}
+
+
+def item_for_user(request: Request, item_id: Any) -> MediaItem:
+    """The caller's item (any item for staff), or 404 — for a foreign id too."""
+    try:
+        uuid.UUID(str(item_id))
+    except ValueError:
+        raise NotFound() from None
+    item = media_items_for_user(user=request.user).filter(pk=item_id).first()
+    if item is None:
+        raise NotFound()
+    return item
+
+
+def content_length(request: HttpRequest) -> int | None:
+    try:
+        return int(request.META["CONTENT_LENGTH"])
+    except (KeyError, ValueError):
+        return None
+
+
+def item_detail(request: HttpRequest, item: MediaItem) -> dict[str, Any]:
+    payload = media_item_payload(item)
+    stem = PurePosixPath(item.original_name).stem or "media"
+    for out in payload.get("outputs", []):
+        name = f"{stem}{PurePosixPath(out['key']).suffix}"
+        out["url"], out["url_expires_at"] = download_url(
+            request, key=out["key"], content_type=out["content_type"], file_name=name
+        )
+    if upload_is_open(item):
+        payload["upload"] = {
+            "offset": upload_offset(item),
+            "expires_at": upload_expires_at(item).isoformat(),
+            "tus_url": request.build_absolute_uri(reverse("api:tus-upload", args=[item.pk])),
+        }
+    return payload
+
+
+class MediaPagination(PageNumberPagination):
+    page_size = 20
+    page_size_query_param = "page_size"
+    max_page_size = 100
+
+
+class MediaListCreateApi(APIView):
+    def get_throttles(self) -> list[Any]:
+        return [UploadCreateThrottle()] if self.request.method == "POST" else []
+
+    @extend_schema(
+        parameters=[MediaListFilter, OpenApiParameter("page", int), OpenApiParameter("page_size", int)],
+        responses={200: MediaItemOutput(many=True)},
+    )
+    def get(self, request: Request) -> Response:
+        filters = MediaListFilter(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        items = media_items_for_user(user=request.user).filter(**filters.validated_data)
+        paginator = MediaPagination()
+        page = paginator.paginate_queryset(items, request, view=self)
+        return paginator.get_paginated_response([media_item_payload(i, with_outputs=False) for i in page or []])
+
+    @extend_schema(
+        request=MediaCreateInput,
+        responses={201: MediaCreatedOutput, 413: ErrorOutput, 429: ErrorOutput, **ERRORS},
+        description="Create an item awaiting its bytes; answers where to send them (presigned PUT or tus).",
+    )
+    def post(self, request: Request) -> Response:
+        data = MediaCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        item = upload_create(
+            owner=request.user,
+            file_name=data.validated_data["file_name"],
+            size=data.validated_data["size"],
+            content_type=data.validated_data["content_type"],
+        )
+        body = {**media_item_payload(item), "upload": upload_target(request, item)}
+        location = request.build_absolute_uri(reverse("api:media-detail", args=[item.pk]))
+        return Response(body, status=status.HTTP_201_CREATED, headers={"Location": location})
+
+
+class MediaDetailApi(APIView):
+    @extend_schema(responses={200: MediaItemOutput, **ERRORS})
+    def get(self, request: Request, item_id: str) -> Response:
+        return Response(item_detail(request, item_for_user(request, item_id)))
+
+    @extend_schema(responses={204: None, **ERRORS})
+    def delete(self, request: Request, item_id: str) -> Response:
+        upload_delete(item=item_for_user(request, item_id))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class MediaCompleteApi(APIView):
+    @extend_schema(request=None, responses={202: MediaItemOutput, 415: ErrorOutput, **ERRORS})
+    def post(self, request: Request, item_id: str) -> Response:
+        item = upload_complete(item=item_for_user(request, item_id))
+        return Response(item_detail(request, item), status=status.HTTP_202_ACCEPTED)
+
+
+class MediaRetryApi(APIView):
+    @extend_schema(request=None, responses={202: MediaItemOutput, **ERRORS})
+    def post(self, request: Request, item_id: str) -> Response:
+        item = upload_retry(item=item_for_user(request, item_id))
+        return Response(item_detail(request, item), status=status.HTTP_202_ACCEPTED)
+
+
+# --- token URLs -------------------------------------------------------------------------------
+
+
+@csrf_exempt
+def upload_put(request: HttpRequest, token: str) -> HttpResponse:
+    """Our presigned PUT: the body streams to a staging file, then into storage."""
+    if request.method != "PUT":
+        return json_error("method_not_allowed", "Send the file's bytes with PUT.", 405)
+    try:
+        grant = upload_token_read(token)
+    except TokenRefused as exc:
+        return json_error(exc.code, exc.message)
+    item = media_item_get(item_id=grant.item_id)
+    if item is None:
+        return json_error("not_found", "There is no such item.")
+    try:
+        item = upload_store(item=item, stream=request, content_length=content_length(request), expected_size=grant.size)
+    except UploadRefused as exc:
+        return json_error(exc.code, exc.message)
+    return JsonResponse({"id": str(item.pk), "size": item.size, "stored": True})
+
+
+def file_download(request: HttpRequest, token: str) -> HttpResponse:
+    """Serve one stored output named by a signed token, with single-range support."""
+    if request.method not in ("GET", "HEAD"):
+        return json_error("method_not_allowed", "Use GET.", 405)
+    try:
+        grant = download_token_read(token)
+    except TokenRefused as exc:
+        return json_error(exc.code, exc.message)
+    try:
+        size = default_storage.size(grant.key)
+        fh = default_storage.open(grant.key, "rb")
+    except FileNotFoundError:
+        return json_error("not_found", "This file no longer exists.")
+    start, length, code = 0, size, 200
+    wanted = parse_range(request.headers.get("Range", ""), size)
+    if wanted == "unsatisfiable":
+        fh.close()
+        response = json_error("range_not_satisfiable", f"The file has {size} bytes.", 416)
+        response["Content-Range"] = f"bytes */{size}"
+        return response
+    if wanted is not None:
+        start, end = wanted
+        length, code = end - start + 1, 206
+    if request.method == "HEAD":
+        fh.close()
+        response: HttpResponse = HttpResponse(status=code, content_type=grant.content_type)
+    else:
+        body = _aiter_file(fh, start, length) if isinstance(request, ASGIRequest) else _iter_file(fh, start, length)
+        response = StreamingHttpResponse(body, status=code, content_type=grant.content_type)
+    response["Content-Length"] = str(length)
+    response["Accept-Ranges"] = "bytes"
+    response["Content-Disposition"] = content_disposition_header(False, grant.file_name)
+    response["Cache-Control"] = "private, max-age=300"
+    if code == 206:
+        response["Content-Range"] = f"bytes {start}-{start + length - 1}/{size}"
+    return response
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
+    """One ``bytes=`` range as (first, last); None to serve it all; "unsatisfiable" for 416."""
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or not spec or "," in spec:
+        return None  # absent, another unit or several ranges: the whole file is a valid answer
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            suffix = int(last)
+            if suffix <= 0:
+                return "unsatisfiable"
+            return max(0, size - suffix), size - 1
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size or end < start:
+        return "unsatisfiable"
+    return start, min(end, size - 1)
+
+
+def _iter_file(fh: IO[bytes], start: int, length: int) -> Iterator[bytes]:
+    with fh:
+        fh.seek(start)
+        while length > 0:
+            chunk = fh.read(min(STREAM_CHUNK, length))
+            if not chunk:
+                return
+            length -= len(chunk)
+            yield chunk
+
+
+async def _aiter_file(fh: IO[bytes], start: int, length: int) -> AsyncIterator[bytes]:
+    # Under ASGI, Django would turn a sync iterator into one list in memory; an async one
+    # streams chunk by chunk, each read done in a worker thread.
+    read = sync_to_async(fh.read, thread_sensitive=False)
+    try:
+        await sync_to_async(fh.seek, thread_sensitive=False)(start)
+        while length > 0:
+            chunk = await read(min(STREAM_CHUNK, length))
+            if not chunk:
+                return
+            length -= len(chunk)
+            yield chunk
+    finally:
+        fh.close()
