@@ -1,0 +1,611 @@
+"""Image stages: decode (prove the file reads, learn its shape), normalize (plan the output), encode.
+
+Every byte of the upload is parsed in a forked child under hard limits (``pipelines.sandbox``):
+the worker itself only reads the first bytes to sniff the type. Pillow is told which single
+plugin it may use, so a file that merely *claims* to be a JPEG can never reach, say, the TIFF
+or PSD decoder.
+
+Behaviours chosen here, and why:
+
+* Truncated or damaged files are refused (``invalid_input``), never half-processed. That is what
+  Pillow does when ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off (we leave it off): a JPEG, PNG or
+  GIF frame that needs bytes the file lacks raises "image file is truncated". libheif does not:
+  it paints the tiles it cannot find green and reports success, so for HEIF we walk the top-level
+  boxes and refuse a file that ends inside one. A GIF cut exactly between two frames cannot be
+  told from a shorter GIF and is processed with the frames it has.
+* Metadata is stripped: no EXIF (so no GPS), no XMP, no comments, no ICC profile. Colour is kept
+  right by converting pixels that carry a non-sRGB ICC profile (Display P3 from phones, Adobe RGB,
+  CMYK) to sRGB first; an untagged image is shown as sRGB by every browser. Colour described only
+  by a HEIF ``nclx`` box is taken as sRGB (the phones we see tag wide gamut with an ICC profile).
+* Orientation: the EXIF orientation is applied to the pixels (output width/height are the upright
+  ones) and then dropped with the rest of the EXIF. libheif already applies HEIF's own rotation,
+  and pillow-heif then reports orientation 1, so nothing is rotated twice.
+* Animated GIF/WebP (and AVIF) become animated WebP *and* animated AVIF: Pillow's AVIF plugin
+  writes image sequences cleanly. Frame durations are kept, except that durations of 10 ms or
+  less become 100 ms, which is how browsers already play them. The loop count is kept in the
+  WebP; Pillow's AVIF writer has no loop setting, so the AVIF loops forever. A HEIF file with
+  several top-level images is a still image: only its primary image is used.
+* AVIF uploads are sniffed as HEIF (same container); they are decoded with Pillow's own AVIF
+  plugin (dav1d), because pillow-heif here has no AV1 decoder.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+import typing
+import warnings
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pillow_heif
+from PIL import AvifImagePlugin, Image, ImageCms, ImageFile, WebPImagePlugin
+
+from pipelines.errors import InvalidInput, MediaError, TooLarge
+from pipelines.profiles import ImageProfile, Limits, Profiles
+from pipelines.results import Output
+from pipelines.sandbox import ChildLimits, run_isolated, run_isolated_with_stats
+from pipelines.sniff import sniff
+
+DAMAGED = "The image is damaged or incomplete and cannot be read."
+
+# Load the readers and both writers once in the worker, so each forked child inherits them instead
+# of importing every Pillow plugin again on its first save() (tens of milliseconds per image).
+# Registering a plugin does not widen what a file may reach: every open names its one format.
+Image.preinit()
+if not (AvifImagePlugin.SUPPORTED and WebPImagePlugin.SUPPORTED):
+    raise ImportError("this Pillow build cannot write AVIF or WebP")
+
+# Our container name -> the one Pillow plugin allowed to read it.
+_PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WEBP", "heif": "HEIF", "avif": "AVIF"}
+_ANIMATED_FORMATS = {"GIF", "WEBP", "AVIF", "PNG"}  # PNG: APNG; a plain PNG has one frame
+_AVIF_BRANDS = {b"avif", b"avis"}
+_HEVC_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"}
+
+# What a decoder raises on bad bytes. TypeError and AttributeError are left out on purpose: those
+# are our bugs, and must not be reported to a user as a damaged file.
+_DECODER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, zlib.error)
+
+# The same table as ImageOps.exif_transpose, applied to the already reduced image (cheaper than
+# rotating the full-size one) and driven by the orientation decode recorded, so plan and pixels
+# cannot disagree.
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ORIENTATION_TAG = 0x0112
+_VP8X_ALPHA = 0x10
+_MAX_TOP_LEVEL_BOXES = 10_000
+
+# Hamming: Pillow scales every filter's support with the reduction, so this is a proper
+# anti-aliased downscale, at the cost of bilinear (110 ms for 12 MP -> 3 MP here, against 180 ms
+# for bicubic and 270 ms for Lanczos). Against a Lanczos reference it measured 49-53 dB PSNR on
+# our photos; AVIF q60 and WebP q80 themselves stay near 40 dB, so the difference is invisible.
+_RESAMPLE = Image.Resampling.HAMMING
+# Very large reductions (a 100 MP PNG to 2048 px) first shrink by an integer box step that leaves
+# at least 3x for the filter: Pillow's documented "indistinguishable from fair resampling" setting.
+_REDUCING_GAP = 3.0
+# Below this output size, splitting the resize over two threads costs more than it saves.
+_SPLIT_RESIZE_PIXELS = 1_000_000
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What decode learned. ``width``/``height`` are as stored, before orientation is applied."""
+
+    container: str
+    mime: str
+    width: int
+    height: int
+    frames: int
+    animated: bool
+    orientation: int  # EXIF orientation 1..8 (1 when absent)
+    mode: str
+    has_alpha: bool
+    had_metadata: bool  # EXIF/GPS/XMP present in the source
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """Output size after orientation and resize to the profile's long edge (never upscaled)."""
+
+    width: int
+    height: int
+    animated: bool
+    frames: int
+
+
+@dataclass(frozen=True)
+class ImageEncodeResult:
+    outputs: tuple[Output, ...]  # image_avif (image.avif) and image_webp (image.webp)
+    peak_rss_bytes: int
+
+
+# --------------------------------------------------------------------------------------------
+# Public stages
+
+
+def image_decode(src: Path, out_dir: Path, *, limits: Limits) -> ImageInfo:
+    """Prove the file decodes completely, within limits, and report what it is.
+
+    Nothing is written to ``out_dir``: encode reads the original again, so no large intermediate
+    file has to travel between machines.
+    """
+    container, mime, pil_format = _source_format(src)
+    return run_isolated(
+        _decode_in_child,
+        str(src),
+        pil_format,
+        container,
+        mime,
+        limits,
+        limits=_child_limits(limits, limits.probe_wall_seconds),
+    )
+
+
+def image_normalize(info: ImageInfo, *, profiles: Profiles) -> ImagePlan:
+    """Decide the output size; refuse an animation whose frames would not fit in memory."""
+    width, height = _upright_size(info.width, info.height, info.orientation)
+    scale = min(1.0, profiles.image.long_edge / max(width, height))
+    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if info.animated:
+        # The encoders take the whole sequence at once, so every reduced frame (4 bytes a pixel)
+        # is held in memory; leave the other half of the child's budget to the decoder and the
+        # encoders. Refuse here, with a reason, rather than with a MemoryError after minutes of work.
+        needed = info.frames * out_w * out_h * 4
+        if needed > profiles.limits.memory_bytes // 2:
+            message = f"The animation has {info.frames} frames of {out_w}x{out_h} pixels"
+            raise TooLarge(
+                f"{message}; that is more than we can convert.",
+                detail=f"needs about {needed} bytes, limit {profiles.limits.memory_bytes}",
+            )
+    return ImagePlan(width=out_w, height=out_h, animated=info.animated, frames=info.frames)
+
+
+def image_encode(
+    src: Path, info: ImageInfo, plan: ImagePlan, out_dir: Path, *, profiles: Profiles, limits: Limits
+) -> ImageEncodeResult:
+    """Write ``image.avif`` and ``image.webp`` into ``out_dir``: upright, resized, metadata-free."""
+    # Sniff again rather than trust ``info.container``: the plugin restriction must follow the
+    # bytes actually on disk.
+    _, _, pil_format = _source_format(src)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs, stats = run_isolated_with_stats(
+        _encode_in_child,
+        str(src),
+        pil_format,
+        info.orientation,
+        plan,
+        str(out_dir),
+        profiles.image,
+        limits,
+        limits=_child_limits(limits, limits.wall_seconds),
+    )
+    return ImageEncodeResult(outputs=outputs, peak_rss_bytes=stats.peak_rss_bytes)
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side helpers (read at most a few hundred bytes of the upload)
+
+
+def _source_format(src: Path) -> tuple[str, str, str]:
+    """Return (container, mime, Pillow format) decided from the content alone."""
+    sniffed = sniff(src)
+    if sniffed.kind != "image":
+        raise InvalidInput("The file is not an image.", detail=f"sniffed as {sniffed.container}")
+    if sniffed.container == "heif" and _is_avif(src):
+        return "avif", "image/avif", "AVIF"
+    return sniffed.container, sniffed.mime, _PIL_FORMATS[sniffed.container]
+
+
+def _is_avif(src: Path) -> bool:
+    with open(src, "rb") as fh:
+        head = fh.read(256)
+    box_end = min(len(head), int.from_bytes(head[:4], "big"))
+    brands = {head[8:12]} | {head[i : i + 4] for i in range(16, box_end - 3, 4)}
+    return head[8:12] in _AVIF_BRANDS or bool(brands & _AVIF_BRANDS and not brands & _HEVC_BRANDS)
+
+
+def _child_limits(limits: Limits, wall_seconds: float) -> ChildLimits:
+    return ChildLimits(
+        memory_bytes=limits.memory_bytes,
+        cpu_seconds=limits.cpu_seconds,
+        wall_seconds=wall_seconds,
+        max_open_files=limits.max_open_files,
+    )
+
+
+def _upright_size(width: int, height: int, orientation: int) -> tuple[int, int]:
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+# --------------------------------------------------------------------------------------------
+# Child side: everything below runs in the forked, rlimited process
+
+
+def _harden(pil_format: str, limits: Limits) -> None:
+    """Set decoder guards; process-wide, which is fine because this process is the child."""
+    Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
+    # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; we want a refusal from 1x.
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    # Explicit, although it is Pillow's default: refuse truncated files (see module docstring).
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if pil_format == "HEIF":
+        # Thumbnails off: pillow-heif could otherwise serve a tiny embedded preview from draft().
+        pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+
+
+@contextmanager
+def _decoder_errors(limits: Limits) -> Iterator[None]:
+    """Turn what a decoder raises on hostile bytes into errors a person can read."""
+    try:
+        yield
+    except MediaError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(str(exc), limits) from None
+    except _DECODER_ERRORS as exc:
+        if "Decompressed data too large" in str(exc):
+            # PNG text chunk that inflates to huge sizes: a bomb, not a damaged file.
+            raise TooLarge(
+                "The image contains compressed data that expands beyond what we accept.",
+                detail=str(exc),
+            ) from None
+        raise InvalidInput(DAMAGED, detail=f"{type(exc).__name__}: {exc}") from None
+
+
+def _megapixels(pixels: int) -> str:
+    mp = pixels / 1_000_000
+    return f"{mp:,.0f} megapixels" if mp >= 100 else f"{mp:.3g} megapixels"
+
+
+def _pixels_error(pixels: int, limits: Limits) -> TooLarge:
+    return TooLarge(
+        f"The image is {_megapixels(pixels)}; the limit is {_megapixels(limits.max_image_pixels)}.",
+        detail=f"{pixels} pixels > max_image_pixels={limits.max_image_pixels}",
+    )
+
+
+def _bomb_error(message: str, limits: Limits) -> TooLarge:
+    found = re.search(r"\((\d+) pixels\)", message)
+    if found:
+        return _pixels_error(int(found.group(1)), limits)
+    limit = _megapixels(limits.max_image_pixels)
+    return TooLarge(f"The image is larger than the limit of {limit}.", detail=message)
+
+
+def _check_container(path: str, pil_format: str) -> None:
+    """Refuse an ISOBMFF (HEIF/AVIF) file that ends inside one of its boxes.
+
+    libheif decodes a grid image with missing tiles "successfully" (they come out green), so a
+    truncated phone photo would otherwise pass as valid.
+    """
+    if pil_format not in ("HEIF", "AVIF"):
+        return
+    size = os.path.getsize(path)
+    pos = 0
+    with open(path, "rb") as fh:
+        # Real files have a handful of top-level boxes; do not let millions of tiny ones cost time.
+        for _ in range(_MAX_TOP_LEVEL_BOXES):
+            if pos + 8 > size:
+                break
+            fh.seek(pos)
+            header = fh.read(16)
+            box_size, box_type = int.from_bytes(header[:4], "big"), header[4:8]
+            if box_size == 1 and len(header) == 16:
+                box_size = int.from_bytes(header[8:16], "big")
+            elif box_size == 0:  # "extends to the end of the file"
+                return
+            if box_size < 8:
+                raise InvalidInput(DAMAGED, detail=f"box {box_type!r} at {pos} has size {box_size}")
+            pos += box_size
+    if pos > size:
+        raise InvalidInput(DAMAGED, detail=f"the file ends {pos - size} bytes before its last box does")
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(_ORIENTATION_TAG, 1)
+    except _DECODER_ERRORS:
+        return 1  # unreadable EXIF: show the pixels as stored
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _had_metadata(im: Image.Image) -> bool:
+    # EXIF (which holds GPS), XMP, and IPTC (JPEG's "photoshop" block): what can identify a person.
+    if any(im.info.get(key) for key in ("exif", "xmp", "XML:com.adobe.xmp", "photoshop")):
+        return True
+    try:
+        return len(im.getexif()) > 0
+    except _DECODER_ERRORS:
+        return True  # something is there, even if broken
+
+
+def _frame_count(im: Image.Image, pil_format: str) -> int:
+    # HEIF "frames" are independent top-level images (bursts, edits); we use the primary only.
+    return int(getattr(im, "n_frames", 1)) if pil_format in _ANIMATED_FORMATS else 1
+
+
+def _check_size(im: Image.Image, pil_format: str, limits: Limits) -> int:
+    """Check pixels and frames from the header, before any pixel is decoded; return frames."""
+    width, height = im.size
+    if width * height > limits.max_image_pixels:
+        raise _pixels_error(width * height, limits)
+    frames = _frame_count(im, pil_format)
+    if frames > limits.max_animation_frames:
+        raise TooLarge(
+            f"The animation has {frames} frames; the limit is {limits.max_animation_frames} frames.",
+            detail=f"n_frames={frames}",
+        )
+    return frames
+
+
+def _decode_in_child(src: str, pil_format: str, container: str, mime: str, limits: Limits) -> ImageInfo:
+    _harden(pil_format, limits)
+    _check_container(src, pil_format)
+    with _decoder_errors(limits), Image.open(src, formats=[pil_format]) as im:
+        width, height = im.size
+        frames = _check_size(im, pil_format, limits)
+        mode = im.mode
+        has_alpha = False
+        if pil_format == "JPEG":
+            # Decoding at 1/8 scale still entropy-decodes every coefficient of every scan, so a
+            # truncated or corrupt JPEG fails exactly as at full size, at a third of the cost.
+            im.draft(None, (max(1, width // 8), max(1, height // 8)))
+        for index in range(frames):
+            im.seek(index)
+            im.load()
+            has_alpha = has_alpha or im.has_transparency_data
+        # Only after loading: a PNG's EXIF may sit after its pixels, and reading it first would
+        # load the pixels inside _orientation's error guard, hiding a truncated file.
+        orientation = _orientation(im)
+        had_metadata = _had_metadata(im)
+    return ImageInfo(
+        container=container,
+        mime=mime,
+        width=width,
+        height=height,
+        frames=frames,
+        animated=frames > 1,
+        orientation=orientation,
+        mode=mode,
+        has_alpha=has_alpha,
+        had_metadata=had_metadata,
+    )
+
+
+def _encode_in_child(
+    src: str,
+    pil_format: str,
+    orientation: int,
+    plan: ImagePlan,
+    out_dir: str,
+    profile: ImageProfile,
+    limits: Limits,
+) -> tuple[Output, ...]:
+    _harden(pil_format, limits)
+    _check_container(src, pil_format)
+    # The size before orientation is applied: we resize first and rotate the small image.
+    target = _upright_size(plan.width, plan.height, orientation)
+    # Only reading sits under _decoder_errors: an encoder failure is our problem, not a damaged file.
+    with _decoder_errors(limits):
+        im = Image.open(src, formats=[pil_format])
+    with im, ThreadPoolExecutor(max_workers=2) as pool:
+        with _decoder_errors(limits):
+            frames = _check_size(im, pil_format, limits)
+            loop = _loop_count(im, pil_format)
+            if pil_format == "JPEG":
+                # Let libjpeg scale by 1/2, 1/4 or 1/8 in the DCT while the result stays at least
+                # as large as the target: far less to decode, and far less to resample.
+                im.draft(None, target)
+        pictures: list[Image.Image] = []
+        durations: list[int] = []
+        for index in range(min(frames, plan.frames) if plan.animated else 1):
+            with _decoder_errors(limits):
+                im.seek(index)
+                im.load()
+            durations.append(_duration(im))
+            picture = _to_working_mode(im)
+            picture = _resize(picture, target, None if plan.animated else pool)
+            picture = _transpose(_to_srgb(picture, im.info.get("icc_profile")), orientation)
+            # Detach from the file object, which the next seek() overwrites in place.
+            pictures.append(picture.copy() if picture is im else picture)
+        pictures = _same_mode(pictures)
+        # Both encoders release the GIL, so they run side by side. Image.save() keeps per-call
+        # state on the image object, hence the AVIF writer gets its own first frame.
+        avif = pool.submit(
+            _write_avif, [pictures[0].copy(), *pictures[1:]], durations, Path(out_dir) / "image.avif", profile
+        )
+        webp = _write_webp(pictures, durations, loop, Path(out_dir) / "image.webp", profile)
+        return (avif.result(), webp)
+
+
+# ---- pixels
+
+
+def _to_working_mode(im: Image.Image) -> Image.Image:
+    """Bring any decoded mode to one that resamples correctly: L, LA, RGB, RGBA or CMYK."""
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grey (PNG): Pillow's convert() would clip everything above 255 to white.
+        return im.convert("I").point(lambda v: v / 256).convert("L")
+    if im.has_transparency_data:
+        return im if mode in ("RGBA", "LA") else im.convert("RGBA")
+    if mode in ("L", "RGB"):
+        return im
+    if mode == "CMYK" and im.info.get("icc_profile"):
+        return im  # converted through its own profile in _to_srgb
+    return im.convert("RGB")
+
+
+def _resize(im: Image.Image, size: tuple[int, int], pool: ThreadPoolExecutor | None) -> Image.Image:
+    if im.size == size:
+        return im
+    if pool is None or size[0] * size[1] < _SPLIT_RESIZE_PIXELS:
+        return im.resize(size, _RESAMPLE, reducing_gap=_REDUCING_GAP)
+    # Alpha is premultiplied once here, as Image.resize would do, rather than once per band.
+    premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(im.mode)
+    source = im.convert(premultiplied) if premultiplied else im
+    factor = int(min(source.width / size[0], source.height / size[1]) / _REDUCING_GAP)
+    if factor > 1:
+        source = source.reduce(factor)  # what reducing_gap does inside Image.resize
+    # Resampling releases the GIL: two horizontal bands, each resized from its own box of the
+    # source (the filter still reads across the band edge), give the same pixels (to rounding)
+    # in half the time.
+    half = size[1] // 2
+    scale = source.height / size[1]
+    bands = pool.map(
+        lambda rows: source.resize(
+            (size[0], rows[1] - rows[0]), _RESAMPLE, box=(0, rows[0] * scale, source.width, rows[1] * scale)
+        ),
+        [(0, half), (half, size[1])],
+    )
+    out = Image.new(source.mode, size)
+    for band, top in zip(bands, (0, half), strict=True):
+        out.paste(band, (0, top))
+    return out.convert(im.mode) if premultiplied else out
+
+
+def _to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    """Convert through the embedded ICC profile to sRGB, so the profile can be dropped."""
+    if im.mode in ("L", "LA"):
+        return im.convert("RGBA" if im.mode == "LA" else "RGB")
+    if not icc:
+        return im.convert("RGB") if im.mode == "CMYK" else im
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if im.mode != "CMYK" and "srgb" in (ImageCms.getProfileDescription(source) or "").lower():
+            return im
+        alpha = im.getchannel("A") if im.mode == "RGBA" else None
+        rgb = im.convert("RGB") if alpha is not None else im
+        converted = ImageCms.profileToProfile(rgb, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        # A broken profile is not a broken image: show the pixels as sRGB.
+        return im.convert("RGB") if im.mode == "CMYK" else im
+    assert converted is not None
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
+
+
+def _transpose(im: Image.Image, orientation: int) -> Image.Image:
+    method = _TRANSPOSE.get(orientation)
+    return im.transpose(method) if method is not None else im
+
+
+def _same_mode(pictures: list[Image.Image]) -> list[Image.Image]:
+    """One mode for every frame (the AVIF sequence needs it); drop an alpha that is fully opaque."""
+    mode = "RGBA" if any(p.mode == "RGBA" and not _opaque(p) for p in pictures) else "RGB"
+    for index, picture in enumerate(pictures):
+        # In place, so a long animation is never held twice.
+        pictures[index] = picture if picture.mode == mode else picture.convert(mode)
+        pictures[index].info = {}  # nothing of the source travels: no EXIF, XMP, ICC, comment
+    return pictures
+
+
+def _opaque(im: Image.Image) -> bool:
+    low, _ = typing.cast(tuple[int, int], im.getchannel("A").getextrema())
+    return low == 255
+
+
+# ---- animation timing
+
+
+def _duration(im: Image.Image) -> int:
+    value = im.info.get("duration") or 0
+    # Browsers play GIF frames of 10 ms or less at 100 ms; keep what people actually saw.
+    return 100 if value <= 10 else int(value)
+
+
+def _loop_count(im: Image.Image, pil_format: str) -> int:
+    """WebP loop count (0 = forever, n = play n times) from the source's own notion of loops."""
+    loop = im.info.get("loop")
+    if pil_format != "GIF":
+        return int(loop or 0)
+    if loop is None:
+        return 1  # a GIF without the NETSCAPE extension plays once
+    # The NETSCAPE count is the number of *repeats* after the first play; 0 is forever.
+    return 0 if loop == 0 else int(loop) + 1
+
+
+# ---- writers
+
+
+def _write_avif(
+    pictures: list[Image.Image],
+    durations: list[int],
+    path: Path,
+    profile: ImageProfile,
+) -> Output:
+    first, rest = pictures[0], pictures[1:]
+    # Empty exif/xmp/icc_profile explicitly: the AVIF writer falls back to im.info otherwise.
+    options: dict[str, object] = {
+        "quality": profile.avif_quality,
+        "speed": profile.avif_speed,
+        "exif": b"",
+        "xmp": b"",
+        "icc_profile": b"",
+    }
+    if rest:
+        options.update(save_all=True, append_images=rest, duration=durations)
+    first.save(path, "AVIF", **options)
+    return _output("image_avif", path, "image/avif", "av1", first, durations if rest else None)
+
+
+def _write_webp(
+    pictures: list[Image.Image], durations: list[int], loop: int, path: Path, profile: ImageProfile
+) -> Output:
+    first, rest = pictures[0], pictures[1:]
+    options: dict[str, object] = {
+        "quality": profile.webp_quality,
+        "method": profile.webp_method,
+        "exif": b"",
+        "xmp": b"",
+        "icc_profile": b"",
+    }
+    if rest:
+        options.update(save_all=True, append_images=rest, duration=durations, loop=loop)
+    first.save(path, "WEBP", **options)
+    if rest and first.mode == "RGBA":
+        _mark_webp_alpha(path)
+    return _output("image_webp", path, "image/webp", "webp", first, durations if rest else None)
+
+
+def _mark_webp_alpha(path: Path) -> None:
+    """Set the VP8X alpha flag of an animated WebP whose frames have transparency.
+
+    libwebp's animation encoder crops a fully transparent border off the first frame and then
+    leaves the flag unset, although the uncovered canvas is transparent. Readers that trust the
+    flag (Pillow among them) would show that border black.
+    """
+    with open(path, "r+b") as fh:
+        header = fh.read(21)
+        if header[12:16] == b"VP8X" and not header[20] & _VP8X_ALPHA:
+            fh.seek(20)
+            fh.write(bytes([header[20] | _VP8X_ALPHA]))
+
+
+def _output(
+    role: str, path: Path, content_type: str, codec: str, first: Image.Image, durations: list[int] | None
+) -> Output:
+    return Output(
+        role=role,
+        file=path.name,  # relative: the caller renames out_dir after we return
+        content_type=content_type,
+        codec=codec,
+        width=first.width,
+        height=first.height,
+        duration=sum(durations) / 1000 if durations else None,
+        bytes=path.stat().st_size,
+    )
