@@ -175,9 +175,8 @@ def demux(src: Path, out_dir: Path, *, limits: Limits) -> DemuxResult:
     with _timed("demux", src=src.name):
         size = src.stat().st_size
         if size > limits.max_file_bytes:
-            raise TooLarge(
-                f"The file is {size / 1e9:.1f} GB; we accept at most {limits.max_file_bytes / 1e9:.1f} GB."
-            )
+            most = limits.max_file_bytes / 1e9
+            raise TooLarge(f"The file is {size / 1e9:.1f} GB; we accept at most {most:.1f} GB.")
         sniffed = sniff(src)
         if sniffed.kind == "image" or not sniffed.ffmpeg_format:
             raise InvalidInput("The file is an image, not a video or audio file.")
@@ -189,14 +188,10 @@ def demux(src: Path, out_dir: Path, *, limits: Limits) -> DemuxResult:
             kind = "audio"
         else:
             raise InvalidInput("The file has no video or audio we can read.")
-        if video is not None and not codec_allowed(video):
-            raise UnsupportedCodec(
-                f"The video is encoded with {_codec_name(video.codec)}, which we do not support."
-            )
-        if audio is not None and not codec_allowed(audio):
-            raise UnsupportedCodec(
-                f"The audio is encoded with {_codec_name(audio.codec)}, which we do not support."
-            )
+        for stream in (video, audio):
+            if stream is not None and not codec_allowed(stream):
+                codec = _codec_name(stream.codec)
+                raise UnsupportedCodec(f"The {stream.kind} is encoded with {codec}, which we do not support.")
         check_limits(info, limits)
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,13 +252,11 @@ def decode(
     with _timed("decode", kind=demuxed.kind):
         out_dir.mkdir(parents=True, exist_ok=True)
         keyframes_only = demuxed.has_video and not full_video
-        result = _decode_pass(
-            demuxed, demux_dir, limits=limits, progress=progress, keyframes_only=keyframes_only
-        )
+        result = _decode_pass(demuxed, demux_dir, limits, progress, keyframes_only=keyframes_only)
         if keyframes_only and result.frames == 0:
             # No packet flagged as a key frame (some muxers forget): judge by a full decode.
             keyframes_only = False
-            result = _decode_pass(demuxed, demux_dir, limits=limits, progress=progress, keyframes_only=False)
+            result = _decode_pass(demuxed, demux_dir, limits, progress, keyframes_only=False)
         decoded = result.out_time or 0.0
         if decoded <= 0 and result.frames == 0:
             raise InvalidInput("Nothing in the file could be decoded.", detail=_tail(result))
@@ -280,7 +273,7 @@ def decode(
 
 
 def _decode_pass(
-    demuxed: DemuxResult, demux_dir: Path, *, limits: Limits, progress: Progress | None, keyframes_only: bool
+    demuxed: DemuxResult, demux_dir: Path, limits: Limits, progress: Progress | None, *, keyframes_only: bool
 ) -> RunResult:
     extra = ("-bsf:v", "noise=drop=not(key)") if keyframes_only else ()
     with open_input(demux_dir / demuxed.file, demuxed.ffmpeg_format) as inp:
@@ -418,8 +411,8 @@ def measure_loudness(
 
 def parse_ebur128(stderr: str) -> Loudness | None:
     """Read the ``Summary:`` block ebur128 prints at the end."""
-    summary = stderr.rpartition("Summary:")[2]
-    if not summary:
+    _, found, summary = stderr.rpartition("Summary:")
+    if not found:
         return None
 
     def value(pattern: str) -> float | None:
@@ -583,7 +576,12 @@ def mux(encoded: EncodeResult, encode_dir: Path, out_dir: Path, *, limits: Limit
 
 
 def chunk(
-    muxed: MuxResult, mux_dir: Path, out_dir: Path, *, profiles: Profiles, limits: Limits
+    muxed: MuxResult,
+    mux_dir: Path,
+    out_dir: Path,
+    *,
+    profiles: Profiles,
+    limits: Limits,
 ) -> ChunkResult:
     """Cut the WebM into DASH segments (copy, no re-encode) at the key frames the encode placed."""
     with _timed("chunk", kind=muxed.kind):

@@ -121,12 +121,7 @@ def _probe_in_child(path: str, ffmpeg_format: str | None, limits: Limits) -> Med
         "format_whitelist": FORMAT_WHITELIST,
     }
     try:
-        with (
-            open(path, "rb") as fh,
-            av.open(
-                fh, "r", format=ffmpeg_format, container_options=options, metadata_errors="replace"
-            ) as ct,
-        ):
+        with open(path, "rb") as fh, _open_container(fh, ffmpeg_format, options) as ct:
             streams = tuple(_stream_info(ct, s) for s in ct.streams)
             video = next((s for s in streams if s.kind == "video" and not s.attached_pic), None)
             # Decode one frame (for its rotation) only with a decoder we would use anyway, and only
@@ -153,9 +148,12 @@ def _probe_in_child(path: str, ffmpeg_format: str | None, limits: Limits) -> Med
     except (av.error.MemoryError, MemoryError) as exc:
         raise TooLarge("The file needs more memory to read than we allow.", detail=str(exc)) from None
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, OverflowError) as exc:
-        raise InvalidInput(
-            "The file is damaged or is not a media file we can read.", detail=str(exc)
-        ) from None
+        raise InvalidInput("The file is damaged or not a media file we can read.", detail=str(exc)) from None
+
+
+def _open_container(fh: Any, ffmpeg_format: str | None, options: dict[str, str]) -> Any:
+    # Tags are the uploader's text in any encoding: replace what is not UTF-8 rather than fail.
+    return av.open(fh, "r", format=ffmpeg_format, container_options=options, metadata_errors="replace")
 
 
 def _stream_info(container: Any, stream: Any) -> StreamInfo:
@@ -249,9 +247,8 @@ def check_limits(info: MediaInfo, limits: Limits) -> None:
         raise TooLarge(f"The file is {_hms(duration)} long; we accept at most {_hms(limits.max_duration)}.")
     if audio is not None:
         if audio.channels and audio.channels > limits.max_audio_channels:
-            raise TooLarge(
-                f"The audio has {audio.channels} channels; we accept at most {limits.max_audio_channels}."
-            )
+            most = limits.max_audio_channels
+            raise TooLarge(f"The audio has {audio.channels} channels; we accept at most {most}.")
         if audio.sample_rate and audio.sample_rate > limits.max_sample_rate:
             raise TooLarge(
                 f"The audio is sampled at {audio.sample_rate / 1000:g} kHz; "

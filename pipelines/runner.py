@@ -419,9 +419,8 @@ def classify_failure(returncode: int, stderr: str) -> MediaError:
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         # SIGKILL from outside (the OOM killer, an operator) or a crash: maybe this machine,
         # maybe the file; a retry tells, and the attempt counter stops a file that always does it.
-        return TransientError(
-            "The converter stopped unexpectedly.", detail=f"ffmpeg killed by {name}\n{detail}"
-        )
+        detail = f"ffmpeg killed by {name}\n{detail}"
+        return TransientError("The converter stopped unexpectedly.", detail=detail)
     if _MEMORY.search(stderr):
         return TooLarge("The file needs more memory to convert than we allow.", detail=detail)
     if _FILE_SIZE.search(stderr):

@@ -108,10 +108,11 @@ def run_isolated_with_stats(
         if timed_out:
             _kill(pid)
         # Reap in every case (also when the worker's soft time limit interrupts us).
+        usage: resource.struct_rusage | None = None
         try:
             _, wait_status, usage = os.wait4(pid, 0)
         except ChildProcessError:
-            wait_status, usage = 0, None
+            wait_status = 0
         except BaseException:
             _kill(pid)
             os.waitpid(pid, 0)
@@ -124,10 +125,10 @@ def run_isolated_with_stats(
         raise ProcessingTimeout(f"Decoding took longer than {limits.wall_seconds:.0f} s.")
     data = b"".join(chunks)
     if os.WIFSIGNALED(wait_status) or not data:
-        sig = os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None
-        if sig == signal.SIGXCPU:
+        signum: int | None = os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None
+        if signum == signal.SIGXCPU:
             raise ProcessingTimeout("Decoding used more CPU time than allowed.")
-        name = signal.Signals(sig).name if sig else f"exit {os.WEXITSTATUS(wait_status)}"
+        name = signal.Signals(signum).name if signum else f"exit {os.WEXITSTATUS(wait_status)}"
         # A crashed decoder might be a one-off (the machine killed it); retry, and the attempt
         # counter fails a file that crashes it every time.
         raise TransientError("The decoder crashed while reading this file.", detail=f"child ended by {name}")

@@ -1,0 +1,516 @@
+"""The audio/video stages, checked the way a user would: by playing (probing, decoding) the outputs."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageStat
+
+from pipelines import av as stages
+from pipelines.errors import InvalidInput, MediaError, UnsupportedCodec
+from pipelines.profiles import Profiles
+from pipelines.results import Output
+from pipelines.sniff import sniff
+
+TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
+ROOT = Path(__file__).resolve().parents[2]
+MPD = "{urn:mpeg:dash:schema:mpd:2011}"
+CUES, CLUSTER = b"\x1c\x53\xbb\x6b", b"\x1f\x43\xb6\x75"
+
+
+@pytest.fixture(scope="module")
+def video_run(
+    media: Any,
+    profiles: Profiles,
+    stage_runner: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Any:
+    """One full run over a 6 s clip, shared by the tests that look at its outputs."""
+    src = media.video(
+        "six.mp4",
+        seconds=6,
+        extra=("-metadata", "title=secret title", "-metadata", "location=+48.85+002.35/"),
+    )
+    seen: list[float] = []
+    run = stage_runner(src, tmp_path_factory.mktemp("video-run"), profiles, progress=seen.append)
+    run.results["progress"] = seen
+    return run
+
+
+def _outputs(result: Any) -> dict[str, Output]:
+    return {o.file: o for o in result.outputs}
+
+
+# --- the video deliverable -----------------------------------------------------------------------
+
+
+def test_video_becomes_av1_and_opus_in_webm(video_run: Any, looker: Callable[..., Any]) -> None:
+    (out,) = video_run["mux"].outputs
+    path = video_run.dir("mux") / out.file
+    seen = looker(path)
+    assert (seen.format, seen.video_codec, seen.audio_codec) == ("matroska,webm", "av1", "opus")
+    assert (seen.width, seen.height) == (320, 240)
+    assert seen.duration == pytest.approx(6.0, abs=0.1)
+    assert seen.video_frames == 150 and seen.audio_seconds == pytest.approx(6.0, abs=0.1)
+    assert seen.sample_rate == 48000
+    assert out.role == "video" and out.content_type == "video/webm" and out.codec == "av1+opus"
+    assert (out.width, out.height) == (320, 240) and out.duration == pytest.approx(6.0, abs=0.1)
+    assert out.bytes == path.stat().st_size and sniff(path).mime == "video/webm"
+
+
+def test_a_key_frame_starts_every_segment(video_run: Any, looker: Callable[..., Any]) -> None:
+    seen = looker(video_run.dir("mux") / "media.webm")
+    assert seen.keyframes == pytest.approx((0.0, 2.0, 4.0), abs=0.05)
+
+
+def test_webm_is_seekable_with_cues_before_the_media(video_run: Any) -> None:
+    import av
+
+    path = video_run.dir("mux") / "media.webm"
+    data = path.read_bytes()
+    assert 0 < data.find(CUES) < data.find(CLUSTER), "the index must come before the first cluster"
+    with av.open(str(path)) as ct:
+        stream = ct.streams.video[0]
+        ct.seek(int(4.0 / stream.time_base), stream=stream)
+        frame = next(ct.decode(stream))
+        assert float(frame.pts * stream.time_base) == pytest.approx(4.0, abs=0.05)
+
+
+def test_user_metadata_is_stripped(video_run: Any) -> None:
+    import av
+
+    with av.open(str(video_run.dir("mux") / "media.webm")) as ct:
+        tags = " ".join(f"{k}={v}" for k, v in ct.metadata.items())
+        for s in ct.streams:
+            tags += " ".join(f"{k}={v}" for k, v in s.metadata.items())
+    assert "secret" not in tags and "48.85" not in tags
+
+
+def test_dash_manifest_parses_and_segments_play_in_order(video_run: Any, looker: Callable[..., Any]) -> None:
+    chunk_dir, result = video_run.dir("chunk"), video_run["chunk"]
+    outputs = _outputs(result)
+    assert outputs["manifest.mpd"].role == "manifest"
+    assert outputs["manifest.mpd"].content_type == "application/dash+xml"
+    mpd = ET.parse(chunk_dir / result.manifest).getroot()
+    assert mpd.get("type") == "static"
+    sets = {a.get("contentType"): a for a in mpd.iter(f"{MPD}AdaptationSet")}
+    assert set(sets) == {"video", "audio"}
+    video_rep = sets["video"].find(f"{MPD}Representation")
+    audio_rep = sets["audio"].find(f"{MPD}Representation")
+    assert video_rep is not None and audio_rep is not None
+    assert video_rep.get("codecs", "").startswith("av01") and video_rep.get("mimeType") == "video/webm"
+    assert audio_rep.get("codecs") == "opus" and audio_rep.get("mimeType") == "audio/webm"
+    assert (video_rep.get("width"), video_rep.get("height")) == ("320", "240")
+    for rep, expect in ((video_rep, "video/webm"), (audio_rep, "audio/webm")):
+        rid = rep.get("id")
+        segments = sorted(chunk_dir.glob(f"chunk-{rid}-*.webm"))
+        timeline = rep.find(f"{MPD}SegmentTemplate/{MPD}SegmentTimeline")
+        assert timeline is not None
+        lengths = [int(s.get("d", 0)) for s in timeline for _ in range(int(s.get("r", 0)) + 1)]
+        assert len(lengths) == len(segments)
+        # 6 s in 2 s segments; Opus's 6.5 ms encoder delay may leave a few ms for a last one.
+        assert lengths[:3] == pytest.approx([2000, 2000, 2000], abs=5) and sum(lengths[3:]) < 20
+        for path in [chunk_dir / f"init-{rid}.webm", *segments]:
+            assert outputs[path.name].role == "segment" and outputs[path.name].content_type == expect
+            assert outputs[path.name].bytes == path.stat().st_size
+        stream = b"".join(p.read_bytes() for p in [chunk_dir / f"init-{rid}.webm", *segments])
+        seen = looker(stream, fmt="matroska")
+        if expect == "video/webm":
+            assert seen.video_frames == 150
+            assert seen.keyframes == pytest.approx((0.0, 2.0, 4.0), abs=0.05)
+        else:
+            assert seen.audio_seconds == pytest.approx(6.0, abs=0.1)
+    assert set(outputs) == {p.name for p in chunk_dir.iterdir()}
+
+
+def test_thumbnail_is_a_webp_of_the_right_size(video_run: Any) -> None:
+    (thumb,) = video_run["previews"].outputs
+    assert (thumb.role, thumb.file, thumb.content_type) == ("thumbnail", "thumbnail.webp", "image/webp")
+    with Image.open(video_run.dir("previews") / thumb.file) as img:
+        assert img.format == "WEBP"
+        assert img.size == (thumb.width, thumb.height) == (160, 120)
+        assert ImageStat.Stat(img.convert("L")).mean[0] > 40
+
+
+def test_progress_is_monotonic_and_finishes(video_run: Any) -> None:
+    seen = video_run["progress"]
+    assert seen and seen == sorted(seen) and seen[-1] == 1.0
+
+
+def test_encode_reports_progress_while_it_runs(media: Any, profiles: Profiles, tmp_path: Path) -> None:
+    """A user watching a long encode must see the bar move (ffmpeg reports twice a second)."""
+    src = media.make(
+        "noisy-20s.mp4",
+        ["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=20,noise=alls=12:allf=t",
+         "-c:v", "libx264", "-preset", "ultrafast"],
+    )  # fmt: skip
+    limits = profiles.limits
+    dm = stages.demux(src, tmp_path / "demux", limits=limits)
+    plan = stages.normalize(dm, tmp_path / "demux", tmp_path / "plan", profiles=profiles, limits=limits)
+    filters = stages.build_filters(plan, profiles=profiles)
+    seen: list[tuple[float, float]] = []
+    clock = time.monotonic
+    stages.encode(
+        dm,
+        tmp_path / "demux",
+        filters,
+        plan,
+        tmp_path / "enc",
+        profiles=profiles,
+        limits=limits,
+        progress=lambda f: seen.append((clock(), f)),
+    )
+    fractions = [f for _, f in seen]
+    assert len(fractions) >= 3 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert 0 < fractions[0] < 0.7
+    assert all(b - a <= 2.0 for (a, _), (b, _) in itertools.pairwise(seen))
+
+
+def test_stages_write_only_in_their_directories_with_relative_names(video_run: Any) -> None:
+    expected = {
+        "demux": {"streams.mkv"},
+        "decode": set(),
+        "normalize": set(),
+        "encode": {"encoded.mkv"},
+        "mux": {"media.webm"},
+        "previews": {"thumbnail.webp"},
+    }
+    for stage, names in expected.items():
+        found = {p.name for p in video_run.dir(stage).iterdir()} if video_run.dir(stage).exists() else set()
+        assert found == names, stage
+    assert {p.name for p in video_run.root.iterdir()} <= {*expected, "chunk"}
+    for stage in ("mux", "chunk", "previews"):
+        for output in video_run[stage].outputs:
+            assert "/" not in output.file and not Path(output.file).is_absolute()
+
+
+def test_a_renamed_stage_directory_still_works(video_run: Any, profiles: Profiles, tmp_path: Path) -> None:
+    """The caller renames each stage's directory into place: results must not hold paths."""
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(video_run.dir("mux"), moved)
+    limits = profiles.limits
+    result = stages.chunk(video_run["mux"], moved, tmp_path / "chunk", profiles=profiles, limits=limits)
+    assert (tmp_path / "chunk" / result.manifest).exists()
+
+
+# --- what normalize decides ----------------------------------------------------------------------
+
+
+def test_large_video_is_scaled_into_the_box_without_audio(media: Any, pipeline: Any, looker: Any) -> None:
+    src = media.video("wide.mp4", seconds=2, size="640x360", audio=False)
+    run = pipeline(src)
+    seen = looker(run.dir("mux") / "media.webm")
+    assert (seen.width, seen.height) == (320, 180)
+    assert seen.audio_codec is None and run["mux"].outputs[0].codec == "av1"
+    mpd = ET.parse(run.dir("chunk") / "manifest.mpd").getroot()
+    assert [a.get("contentType") for a in mpd.iter(f"{MPD}AdaptationSet")] == ["video"]
+
+
+def test_rotated_video_comes_out_upright(rotated_clip: Path, pipeline: Any, looker: Any) -> None:
+    run = pipeline(rotated_clip)
+    plan = run["normalize"].video
+    assert (plan.width, plan.height, abs(plan.rotation)) == (240, 320, 90)
+    seen = looker(run.dir("mux") / "media.webm")
+    assert (seen.width, seen.height, seen.rotation) == (240, 320, 0)
+    (thumb,) = run["previews"].outputs
+    assert thumb.height > thumb.width
+    with Image.open(run.dir("previews") / thumb.file) as img:
+        assert img.size == (thumb.width, thumb.height)
+
+
+@pytest.mark.parametrize(
+    ("source", "max_fps", "expected"),
+    [
+        ("30/1", 30.0, "30/1"),
+        ("25/1", 30.0, "25/1"),
+        ("60000/1001", 30.0, "30000/1001"),
+        ("45000/1499", 30.0, "30/1"),  # a phone's 30.02 is 30
+        ("50/1", 30.0, "25/1"),
+        ("120/1", 30.0, "30/1"),
+        ("90000/1", 30.0, "30/1"),  # a timebase posing as a rate
+        (None, 24.0, "24/1"),
+    ],
+)
+def test_frame_rate_is_capped_by_whole_divisions(source: str | None, max_fps: float, expected: str) -> None:
+    assert stages._target_rate(source, max_fps) == Fraction(expected)
+
+
+@pytest.mark.parametrize(
+    ("integrated", "true_peak", "gain"),
+    [
+        (-21.0, -18.0, 5.0),  # reaches -16 LUFS
+        (-20.0, -0.5, -1.0),  # capped by the -1.5 dBTP ceiling, even below zero gain
+        (-70.0, float("-inf"), 0.0),  # silence stays silence
+        (-50.0, -40.0, 20.0),  # at most +20 dB
+    ],
+)
+def test_loudness_gain(integrated: float, true_peak: float, gain: float) -> None:
+    measured = stages.Loudness(integrated=integrated, true_peak=true_peak, lra=3.0, threshold=integrated - 10)
+    assert stages._gain(measured, -16.0, -1.5) == pytest.approx(gain, abs=0.01)
+
+
+def test_ebur128_summary_is_parsed() -> None:
+    stderr = textwrap.dedent(
+        """
+        [Parsed_ebur128_0 @ 0x1] Summary:
+
+          Integrated loudness:
+            I:         -18.8 LUFS
+            Threshold: -28.8 LUFS
+
+          Loudness range:
+            LRA:         2.5 LU
+            Threshold: -38.8 LUFS
+
+          True peak:
+            Peak:      -17.8 dBFS
+        """
+    )
+    assert stages.parse_ebur128(stderr) == stages.Loudness(-18.8, -17.8, 2.5, -28.8)
+
+
+def test_filters_apply_the_plan(video_run: Any, profiles: Profiles) -> None:
+    spec = video_run["filter"]
+    assert spec.video == "fps=25/1,scale=320:240:out_range=tv,format=yuv420p,setsar=1"
+    assert spec.audio.startswith("aresample=48000")
+    assert "channel_layouts=mono" in spec.audio and "volume=" in spec.audio
+    loudnorm = stages.build_filters(video_run["normalize"], profiles=profiles, loudness_method="loudnorm")
+    assert loudnorm.audio is not None
+    assert "measured_I=" in loudnorm.audio and "linear=true" in loudnorm.audio
+    assert "volume" not in loudnorm.audio
+
+
+# --- audio ---------------------------------------------------------------------------------------
+
+
+def test_audio_becomes_loudness_normalised_opus_webm(
+    song: Path,
+    pipeline: Any,
+    looker: Any,
+    measure_lufs: Any,
+) -> None:
+    run = pipeline(song)
+    assert run["demux"].kind == "audio" and "chunk" not in run.results
+    (out,) = run["mux"].outputs
+    path = run.dir("mux") / out.file
+    assert (out.role, out.content_type, out.codec) == ("audio", "audio/webm", "opus")
+    seen = looker(path)
+    assert (seen.audio_codec, seen.sample_rate, seen.video_codec) == ("opus", 48000, None)
+    assert seen.duration == pytest.approx(3.0, abs=0.1) and out.duration == pytest.approx(3.0, abs=0.1)
+    assert measure_lufs(path) == pytest.approx(-16.0, abs=1.0)
+
+
+def test_audio_can_be_chunked_too(song: Path, pipeline: Any, profiles: Profiles, tmp_path: Path) -> None:
+    run = pipeline(song)
+    limits = profiles.limits
+    result = stages.chunk(run["mux"], run.dir("mux"), tmp_path / "chunk", profiles=profiles, limits=limits)
+    mpd = ET.parse(tmp_path / "chunk" / result.manifest).getroot()
+    assert [a.get("contentType") for a in mpd.iter(f"{MPD}AdaptationSet")] == ["audio"]
+    assert {o.content_type for o in result.outputs if o.role == "segment"} == {"audio/webm"}
+
+
+def test_192khz_surround_flac_is_resampled_and_downmixed(
+    hires_flac: Path,
+    pipeline: Any,
+    looker: Any,
+) -> None:
+    run = pipeline(hires_flac)
+    plan = run["normalize"].audio
+    assert (plan.source_sample_rate, plan.source_channels) == (192000, 6)
+    assert (plan.sample_rate, plan.channels) == (48000, 2)
+    seen = looker(run.dir("mux") / "media.webm")
+    assert (seen.audio_codec, seen.sample_rate, seen.channels) == ("opus", 48000, 2)
+    assert seen.audio_seconds == pytest.approx(2.0, abs=0.1)
+
+
+def test_loudnorm_two_pass_variant_also_encodes(
+    song: Path, pipeline: Any, profiles: Profiles, tmp_path: Path, measure_lufs: Any
+) -> None:
+    run = pipeline(song)
+    spec = stages.build_filters(run["normalize"], profiles=profiles, loudness_method="loudnorm")
+    enc = stages.encode(
+        run["demux"],
+        run.dir("demux"),
+        spec,
+        run["normalize"],
+        tmp_path / "enc",
+        profiles=profiles,
+        limits=profiles.limits,
+    )
+    assert measure_lufs(tmp_path / "enc" / enc.file) == pytest.approx(-16.0, abs=1.0)
+
+
+# --- previews ------------------------------------------------------------------------------------
+
+
+def test_thumbnail_is_never_black(black_then_bright: Path, profiles: Profiles, tmp_path: Path) -> None:
+    dm = stages.demux(black_then_bright, tmp_path / "demux", limits=profiles.limits)
+    limits = profiles.limits
+    result = stages.previews(dm, tmp_path / "demux", tmp_path / "previews", profiles=profiles, limits=limits)
+    (thumb,) = result.outputs
+    assert result.at is not None and result.at >= 3.0 and result.luma is not None and result.luma > 40
+    with Image.open(tmp_path / "previews" / thumb.file) as img:
+        assert img.format == "WEBP" and ImageStat.Stat(img.convert("L")).mean[0] > 40
+    assert [p.name for p in (tmp_path / "previews").iterdir()] == ["thumbnail.webp"]
+
+
+# --- damaged and refused input -------------------------------------------------------------------
+
+
+def test_truncated_file_is_processed_as_far_as_it_decodes(media: Any, pipeline: Any, looker: Any) -> None:
+    whole = media.video("faststart.mp4", seconds=4, extra=("-movflags", "+faststart"))
+    cut = whole.with_name("cut-faststart.mp4")
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    run = pipeline(cut)
+    assert run["decode"].expected_duration == pytest.approx(4.0, abs=0.1)
+    seen = looker(run.dir("mux") / "media.webm")
+    assert 1.0 < seen.duration < 3.8
+    assert seen.video_frames > 25
+
+
+def test_file_cut_before_its_index_is_refused(media: Any, profiles: Profiles, tmp_path: Path) -> None:
+    whole = media.video("moov-at-end.mp4", seconds=2)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(InvalidInput):
+        stages.demux(cut, tmp_path / "demux", limits=profiles.limits)
+
+
+def test_codec_off_the_allow_list_is_named(media: Any, profiles: Profiles, tmp_path: Path) -> None:
+    src = media.make("ffv1.mkv", ["-f", "lavfi", "-i", "testsrc2=size=160x120:duration=1", "-c:v", "ffv1"])
+    with pytest.raises(UnsupportedCodec) as caught:
+        stages.demux(src, tmp_path / "demux", limits=profiles.limits)
+    assert "ffv1" in caught.value.message
+
+
+def test_garbage_after_a_valid_header_decodes_nothing(media: Any, profiles: Profiles, tmp_path: Path) -> None:
+    song = media.audio("for-garbage.mp3", seconds=2)
+    data = song.read_bytes()
+    bad = tmp_path / "bad.mp3"
+    bad.write_bytes(data[:64] + os.urandom(len(data) - 64))
+    with pytest.raises(MediaError):
+        dm = stages.demux(bad, tmp_path / "demux", limits=profiles.limits)
+        stages.decode(dm, tmp_path / "demux", tmp_path / "decode", limits=profiles.limits)
+
+
+HOSTILE = sorted((TESTDATA / "hostile").glob("ffmpeg_*"))
+
+
+@pytest.mark.parametrize("path", HOSTILE, ids=lambda p: p.name)
+def test_hls_payloads_fail_typed_and_leak_nothing(path: Path, pipeline: Any, tmp_path: Path) -> None:
+    with pytest.raises(MediaError) as caught:
+        pipeline(path)
+    assert type(caught.value) in (InvalidInput, UnsupportedCodec)
+    assert caught.value.message.endswith(".")
+    secrets = [ln.encode() for ln in Path("/etc/passwd").read_text().splitlines() if len(ln) > 8]
+    for produced in tmp_path.rglob("*"):
+        if produced.is_file():
+            data = produced.read_bytes()
+            assert not any(line in data for line in secrets), produced
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_hostile_files_open_no_local_file_and_no_socket(tmp_path: Path) -> None:
+    """Under strace: neither the stages nor a hardened ffmpeg that parses every stream of the
+    payload (subtitles included) opens /etc/passwd or /etc/shadow, or creates a network socket."""
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from pipelines import av as stages
+        from pipelines.errors import MediaError
+        from pipelines.profiles import Limits
+        from pipelines.runner import open_input, run_ffmpeg
+        for i, path in enumerate({[str(p) for p in HOSTILE]!r}):
+            try:
+                stages.demux(Path(path), Path({str(tmp_path)!r}) / str(i), limits=Limits())
+            except MediaError:
+                pass
+            if path.endswith(".avi"):
+                with open_input(Path(path), "avi") as inp:
+                    try:
+                        run_ffmpeg([*inp.args(), "-map", "0", "-f", "null", "-"], limits=Limits(),
+                                   pass_fds=[inp.fd])
+                    except MediaError:
+                        pass
+        print("done")
+        """
+    )
+    trace = tmp_path / "trace.log"
+    done = subprocess.run(
+        ["strace", "-f", "-qq", "-e", "trace=open,openat,socket,connect", "-o", str(trace),
+         sys.executable, "-c", script],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if "ptrace" in done.stderr.lower() and done.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {done.stderr[-200:]}")
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]
+    log = trace.read_text()
+    assert "ffmpeg" in log  # ffmpeg really ran under the trace
+    assert "/etc/passwd" not in log and "/etc/shadow" not in log
+    assert "AF_INET" not in log and "connect(" not in log
+
+
+# --- real uploads --------------------------------------------------------------------------------
+
+REAL = {
+    "cockatoo.mp4": "video",
+    "realshort.mp4": "video",
+    "creative_common.mp4": "video",
+    "test5.webm": "audio",
+    "party.mp3": "audio",
+    "test1.mp3": "audio",
+    "test1.wav": "audio",
+    "bach.ogg": "audio",
+    "format_test.m4a": "audio",
+    "wrong_extension.aac": "audio",
+    "test-192khz-32bit.flac": "audio",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_uploads_go_through_every_stage(
+    name: str,
+    pipeline: Any,
+    profiles: Profiles,
+    looker: Any,
+) -> None:
+    src = TESTDATA / "real" / name
+    run = pipeline(src)
+    kind = REAL[name]
+    assert run["demux"].kind == kind
+    source_duration = run["demux"].duration
+    (out,) = run["mux"].outputs
+    seen = looker(run.dir("mux") / out.file)
+    assert seen.duration == pytest.approx(source_duration, abs=max(0.3, source_duration * 0.03))
+    assert seen.audio_codec in ("opus", None) and seen.sample_rate in (48000, None)
+    if kind == "audio":
+        assert (out.role, out.content_type, out.codec) == ("audio", "audio/webm", "opus")
+        assert seen.video_codec is None and seen.audio_seconds > 0.9 * source_duration
+        return
+    assert out.role == "video" and out.content_type == "video/webm" and out.codec.startswith("av1")
+    assert seen.video_codec == "av1" and seen.width <= 320 and seen.height <= 240
+    assert seen.width % 2 == 0 and seen.height % 2 == 0
+    seg = profiles.video.segment_seconds
+    frame = 1 / run["normalize"].video.fps
+    for i, t in enumerate(seen.keyframes):
+        assert t == pytest.approx(i * seg, abs=frame + 0.02), seen.keyframes
+    assert (run.dir("chunk") / "manifest.mpd").exists()
+    (thumb,) = run["previews"].outputs
+    with Image.open(run.dir("previews") / thumb.file) as img:
+        assert img.format == "WEBP" and ImageStat.Stat(img.convert("L")).mean[0] > 24
+
+
+def test_no_ebur128_summary_means_no_measurement() -> None:
+    assert stages.parse_ebur128("Stream #0:0: Audio: mp3\n  I: -5 LUFS in a tag\n") is None
