@@ -50,6 +50,8 @@ class MediaItem(models.Model):
     # Seconds left as estimated at ``updated_at`` from the encode speed measured so far.
     eta_seconds = models.FloatField(null=True, blank=True)
     media_info = models.JSONField(default=dict, blank=True)
+    # Largest resident memory of any decoder/ffmpeg child so far (bytes), against Limits.memory_bytes.
+    peak_child_rss = models.BigIntegerField(default=0)
     # Seconds spent in each finished stage, for the CLI summary, the admin and the benchmarks.
     timings = models.JSONField(default=dict, blank=True)
 

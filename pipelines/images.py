@@ -351,6 +351,18 @@ def _check_size(im: Image.Image, pil_format: str, limits: Limits) -> int:
     return frames
 
 
+def _refuse_file_references(im: Image.Image) -> None:
+    """Refuse a PNG text chunk named ``profile``: ImageMagick reads the file it names into its
+    output (CVE-2022-44268). We would not, but such a file is an attack, not a photo, and a
+    downstream tool that trusts our upload store might."""
+    text = getattr(im, "text", None) or {}
+    if any(key.strip().lower() == "profile" for key in text):
+        raise InvalidInput(
+            "The image contains an embedded file reference (a known attack) and was refused.",
+            detail=f"PNG text keywords: {sorted(text)[:10]}",
+        )
+
+
 def _decode_in_child(src: str, pil_format: str, container: str, mime: str, limits: Limits) -> ImageInfo:
     _harden(pil_format, limits)
     _check_container(src, pil_format)
@@ -371,6 +383,7 @@ def _decode_in_child(src: str, pil_format: str, container: str, mime: str, limit
         # load the pixels inside _orientation's error guard, hiding a truncated file.
         orientation = _orientation(im)
         had_metadata = _had_metadata(im)
+        _refuse_file_references(im)
     return ImageInfo(
         container=container,
         mime=mime,

@@ -8,6 +8,7 @@ propagate; the retry policy sits in ``StageTask``.
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ logger = logging.getLogger("tasks.stages")
 
 
 class StageTask(Task):
+    # Expected failures (bad input, limits) are logged as a line, not as a traceback.
+    throws = (MediaError,)
     autoretry_for = RETRYABLE_ERRORS
     max_retries = settings.MEDIA_MAX_ATTEMPTS - 1
     retry_backoff = settings.MEDIA_RETRY_BACKOFF
@@ -142,8 +145,23 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.monotonic() - started
-    logger.info("stage done item=%s stage=%s seconds=%.3f attempt=%d", item_id, stage, seconds, attempts)
-    media_status_report(item_id=item_id, progress=int(span[1]), timing=(stage, seconds))
+    # The largest child this worker process has reaped (decoders, ffmpeg): the item records it
+    # so limits can be checked against what really ran.
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    logger.info(
+        "stage done item=%s stage=%s seconds=%.3f attempt=%d peak_child_mb=%.0f",
+        item_id,
+        stage,
+        seconds,
+        attempts,
+        peak / 2**20,
+    )
+    media_status_report(
+        item_id=item_id,
+        progress=int(span[1]),
+        timing=(stage, seconds),
+        extra={"peak_child_rss": max(item.peak_child_rss, peak)},
+    )
     return {"stage": stage, "skipped": False, "seconds": seconds}
 
 

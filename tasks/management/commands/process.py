@@ -34,8 +34,8 @@ class Command(BaseCommand):
             self.stderr.write(f"not a file: {', '.join(missing)}")
             sys.exit(EXIT_USAGE)
         if options["verbosity"] < 2:
-            # Stage logs are for workers; here the summary is the output.
-            logging.getLogger().setLevel(logging.WARNING)
+            # Stage logs are for workers; here the summary (with each error) is the output.
+            logging.getLogger().setLevel(logging.CRITICAL)
         self._embedded_mode()
         owner, _ = get_user_model().objects.get_or_create(username=options["owner"])
 
