@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import av
@@ -161,3 +162,25 @@ def test_a_rerun_after_a_crash_resumes_without_redoing_the_encode(make_item, tmp
         assert f"{stage} skipped: already done" in messages
     assert "mux skipped: already done" not in messages
     assert item.timings["encode"] == first_encode_seconds
+
+
+def test_progress_moves_at_least_every_two_seconds_during_a_long_encode(celery_worker, make_item, tmp_path):
+    import time
+
+    layer = get_channel_layer()
+    item = make_item(lavfi_video(tmp_path / "long.mp4", seconds=12, size="960x540"))
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(item_group(item.pk), channel)
+    media_processing_start(item=item)
+
+    received: list[tuple[float, dict]] = []
+    while not received or received[-1][1]["status"] not in ("Completed", "Failed"):
+        event = async_to_sync(_receive)(layer, channel, 120)["item"]
+        received.append((time.monotonic(), event))
+
+    assert received[-1][1]["status"] == "Completed"
+    encode = [(t, e["progress"]) for t, e in received if e["stage"] == "encode"]
+    assert len(encode) >= 3, encode
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(encode)]
+    assert max(gaps) < 2.0, gaps
+    assert [p for _, p in encode] == sorted(p for _, p in encode)
