@@ -33,8 +33,9 @@ ensure_venv() {
   want=$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing Python requirements"
-    "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q -r "$ROOT/requirements-dev.txt"
+    # (grep drops pip's notes about this machine's extra index paths; errors still fail the step)
+    "$PY" -m pip install -q --upgrade pip 2> >(grep -v '^WARNING: Location' >&2)
+    "$PY" -m pip install -q -r "$ROOT/requirements-dev.txt" 2> >(grep -v '^WARNING: Location' >&2)
     echo "$want" >"$stamp"
   fi
 }

@@ -8,10 +8,14 @@ export WEB_PORT=${WEB_PORT:-8000}
 procfile="$ROOT/.data/Procfile.run"
 mkdir -p "$ROOT/.data"
 cp Procfile "$procfile"
-if ! redis_reachable "${REDIS_URL:-redis://127.0.0.1:6379/0}"; then
+redis_url=${REDIS_URL:-redis://127.0.0.1:6379/0}
+if ! redis_reachable "$redis_url"; then
   ensure_redis_binary
-  log "no Redis answered; starting a local redis-server on 127.0.0.1:6379"
-  echo "redis: redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no" >>"$procfile"
+  port=$("$PY" -c 'import sys, urllib.parse as u; print(u.urlparse(sys.argv[1]).port or 6379)' "$redis_url")
+  log "no Redis answered at $redis_url; starting a local redis-server on 127.0.0.1:$port"
+  mkdir -p "$ROOT/.data/redis"
+  # Append-only persistence: queued work survives a restart of this embedded Redis.
+  echo "redis: redis-server --bind 127.0.0.1 --port $port --dir $ROOT/.data/redis --save '' --appendonly yes" >>"$procfile"
 fi
 python manage.py migrate --noinput
 python manage.py collectstatic --noinput -v 0
