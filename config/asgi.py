@@ -13,12 +13,18 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.urls import path  # noqa: E402
 
+from media_app.graphql.schema import schema  # noqa: E402
+from media_app.graphql.views import MediaGraphQLWSConsumer  # noqa: E402
 from media_app.routing import websocket_urlpatterns  # noqa: E402
+
+# GraphQL subscriptions (graphql-transport-ws) share the origin check and the session auth.
+websocket_routes = [path("graphql/", MediaGraphQLWSConsumer.as_asgi(schema=schema)), *websocket_urlpatterns]
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_routes))),
     }
 )

@@ -1,0 +1,80 @@
+"""The two transports of ``/graphql/``: a Django view for HTTP, a Channels consumer for websockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.middleware.csrf import get_token
+from graphql import GraphQLError, parse
+from rest_framework import exceptions
+from strawberry.channels import GraphQLWSConsumer
+from strawberry.django.views import AsyncGraphQLView
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.types import ExecutionResult
+from strawberry.types.graphql import OperationType
+from strawberry.types.unset import UNSET, UnsetType
+from strawberry.utils.operation import get_operation_type
+
+from media_app.graphql.context import GraphQLContext, authenticate_http, authenticate_websocket, request_from_scope
+from media_app.graphql.errors import websocket_required
+
+
+def _is_subscription(query: str | None, operation_name: str | None) -> bool:
+    try:
+        return get_operation_type(parse(query or ""), operation_name) == OperationType.SUBSCRIPTION
+    except (GraphQLError, RuntimeError):
+        return False  # not parseable, or no such operation: the schema reports it properly
+
+
+class MediaGraphQLView(AsyncGraphQLView):
+    """HTTP: queries and mutations; GraphiQL in a browser when DEBUG is on.
+
+    Mounted ``csrf_exempt``: CSRF is enforced by REST's SessionAuthentication instead, which
+    applies it to session-authenticated requests only, so token clients need no CSRF token.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Read per request (a view instance lives for one), so DEBUG set at run time holds.
+        self.graphql_ide = "graphiql" if settings.DEBUG else None
+
+    async def get_context(self, request: HttpRequest, response: HttpResponse) -> GraphQLContext:  # type: ignore[override]
+        user, auth_error = await sync_to_async(authenticate_http)(request)
+        return GraphQLContext(request=request, response=response, user=user, auth_error=auth_error)
+
+    async def execute_single(self, *, request_data: Any, **kwargs: Any) -> ExecutionResult:  # type: ignore[override]
+        # Strawberry would run a subscription over plain POST as if it were a query; refuse it clearly.
+        if _is_subscription(request_data.query, request_data.operation_name):
+            return ExecutionResult(data=None, errors=[websocket_required()])
+        return await super().execute_single(request_data=request_data, **kwargs)
+
+    async def render_graphql_ide(self, request: HttpRequest) -> HttpResponse:
+        # GraphiQL sends the csrftoken cookie back as X-CSRFToken: make sure it has one.
+        get_token(request)
+        return await super().render_graphql_ide(request)
+
+
+class MediaGraphQLWSConsumer(GraphQLWSConsumer):
+    """Websocket: graphql-transport-ws only (the legacy graphql-ws protocol is not offered)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("subscription_protocols", (GRAPHQL_TRANSPORT_WS_PROTOCOL,))
+        super().__init__(**kwargs)
+
+    async def get_context(self, request: Any, response: Any) -> GraphQLContext:  # type: ignore[override]
+        return GraphQLContext(request=request_from_scope(self.scope), consumer=self)
+
+    async def on_ws_connect(self, context: GraphQLContext) -> UnsetType | dict[str, object] | None:  # type: ignore[override]
+        try:
+            user = await database_sync_to_async(authenticate_websocket)(self.scope, context.connection_params)
+        except exceptions.AuthenticationFailed:
+            raise ConnectionRejectionError() from None  # closes with 4403
+        context.user = user
+        if user is not None:
+            context.request.user = user
+        return UNSET
