@@ -54,3 +54,5 @@ app.conf.update(
     task_eager_propagates=False,
 )
 app.autodiscover_tasks(["tasks"], related_name="stages")
+# The recurring jobs celery beat sends (schedules live in django-celery-beat).
+app.autodiscover_tasks(["tasks"], related_name="maintenance")

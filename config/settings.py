@@ -239,3 +239,43 @@ CACHES["uploads"] = {
     "LOCATION": UPLOADS_REDIS_URL,
     "KEY_PREFIX": "uploads",
 }
+
+# --- Page and downloads ---
+# DASH manifests and segments are kept in Redis for this many seconds after a request reads them
+# from storage, so a popular segment costs one storage read per TTL, not one per viewer. Files
+# above the cap stream from storage uncached (a segment is a few seconds of video: far below it).
+MEDIA_SEGMENT_CACHE_SECONDS = env.int("MEDIA_SEGMENT_CACHE_SECONDS", default=300)
+MEDIA_SEGMENT_CACHE_MAX_BYTES = env.int("MEDIA_SEGMENT_CACHE_MAX_BYTES", default=16 * 1024**2)
+CACHES["segments"] = {
+    "BACKEND": "django.core.cache.backends.redis.RedisCache",
+    "LOCATION": env.str("SEGMENT_CACHE_REDIS_URL", default=REDIS_URL),
+    "KEY_PREFIX": "segments",
+    "TIMEOUT": MEDIA_SEGMENT_CACHE_SECONDS,
+}
+# The upload page sends tus chunks of this size: big enough to keep a fast link busy, small
+# enough that a dropped connection loses little.
+UPLOAD_PAGE_CHUNK_BYTES = env.int("UPLOAD_PAGE_CHUNK_BYTES", default=8 * 1024**2)
+
+# --- Operations -----------------------------------------------------------------------------
+# Daily backup (media.maintenance.backup): item, output and history rows with a manifest of
+# the stored files, one JSON file per day in BACKUP_DIR, kept BACKUP_RETENTION_DAYS days.
+BACKUP_DIR = Path(env.str("BACKUP_DIR", default=str(DATA_DIR / "backups")))
+BACKUP_RETENTION_DAYS = env.int("BACKUP_RETENTION_DAYS", default=14)
+# A Failed item keeps its stage work files this long, so Retry resumes at the failed stage.
+WORK_FAILED_KEEP_SECONDS = env.int("WORK_FAILED_KEEP_SECONDS", default=7 * 24 * 3600)
+# Watchdog (media.maintenance.watchdog, every WATCHDOG_INTERVAL_SECONDS): an item whose task a
+# worker holds but which has not changed for WATCHDOG_STALL_SECONDS is hung (killed, requeued);
+# it must exceed the longest stage that reports no progress. One whose task is on no worker and
+# in no queue for WATCHDOG_LOST_SECONDS was lost (worker killed, broker restarted): requeued.
+WATCHDOG_STALL_SECONDS = env.int("WATCHDOG_STALL_SECONDS", default=900)
+WATCHDOG_LOST_SECONDS = env.int("WATCHDOG_LOST_SECONDS", default=120)
+WATCHDOG_INSPECT_TIMEOUT = env.float("WATCHDOG_INSPECT_TIMEOUT", default=1.0)
+WATCHDOG_INTERVAL_SECONDS = env.int("WATCHDOG_INTERVAL_SECONDS", default=60)
+# A chain publishes its next stage when a stage ends; Celery's default (3 retries in 0.6 s)
+# fails the item if the broker is restarting at that moment. ~17 s of retries rides it out.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": env.int("CELERY_PUBLISH_MAX_RETRIES", default=10),
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 2,
+}

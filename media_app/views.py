@@ -1,14 +1,95 @@
+"""The upload page, its login, and the health check.
+
+The page is static HTML plus one script: everything it shows comes from the API and the
+websocket. The server's limits go into the page as JSON, so the browser refuses a file the
+server would refuse before sending a byte of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.urls import reverse, reverse_lazy
+from django.views.decorators.csrf import ensure_csrf_cookie
 
-from media_app.selectors import media_items_for_user
+# File name endings a browser may report for each accepted type (a browser's own guess of the
+# type is often empty, e.g. for .mkv or .heic). Only a first filter: the server sniffs the bytes.
+EXTENSIONS_FOR_TYPE: dict[str, tuple[str, ...]] = {
+    "video/mp4": (".mp4", ".m4v"),
+    "video/quicktime": (".mov", ".qt"),
+    "video/x-msvideo": (".avi",),
+    "video/x-matroska": (".mkv",),
+    "video/webm": (".webm",),
+    "audio/mpeg": (".mp3",),
+    "audio/wav": (".wav",),
+    "audio/flac": (".flac",),
+    "audio/ogg": (".ogg", ".oga", ".opus"),
+    "audio/mp4": (".m4a",),
+    "audio/aac": (".aac",),
+    "image/jpeg": (".jpg", ".jpeg", ".jfif"),
+    "image/png": (".png",),
+    "image/gif": (".gif",),
+    "image/webp": (".webp",),
+    "image/heic": (".heic", ".heif", ".hif"),
+}
+# Other names browsers give the same types.
+TYPE_ALIASES: dict[str, tuple[str, ...]] = {
+    "video/x-msvideo": ("video/avi", "video/msvideo"),
+    "audio/wav": ("audio/x-wav", "audio/wave", "audio/vnd.wave"),
+    "audio/flac": ("audio/x-flac",),
+    "audio/mp4": ("audio/x-m4a", "audio/m4a"),
+    "audio/mpeg": ("audio/mp3",),
+    "image/heic": ("image/heif", "image/heic-sequence", "image/heif-sequence"),
+}
+
+LOGIN_URL = reverse_lazy("login")
+# Bumped when page.js or page.css change, so browsers do not keep an old copy.
+ASSET_VERSION = "1"
 
 
-@login_required
+def page_config(request: HttpRequest) -> dict[str, Any]:
+    """What the page's script needs: the server's limits and where everything is."""
+    allowed = list(settings.UPLOAD_ALLOWED_CONTENT_TYPES)
+    types = sorted({*allowed, *(alias for t in allowed for alias in TYPE_ALIASES.get(t, ()))})
+    extensions = sorted({ext for t in allowed for ext in EXTENSIONS_FOR_TYPE.get(t, ())})
+    return {
+        "limits": {
+            "max_bytes": settings.UPLOAD_MAX_BYTES,
+            "allowed_types": types,
+            "allowed_extensions": extensions,
+            "max_unfinished": settings.UPLOAD_MAX_UNFINISHED,
+        },
+        "chunk_bytes": settings.UPLOAD_PAGE_CHUNK_BYTES,
+        "urls": {
+            "tus": reverse("api:tus"),
+            "media": reverse("api:media-list"),
+            "ws": "/ws/media/",
+        },
+        "user": request.user.get_username(),
+    }
+
+
+@ensure_csrf_cookie
+@login_required(login_url=LOGIN_URL)
 def home(request: HttpRequest) -> HttpResponse:
-    items = media_items_for_user(user=request.user)[:50]
-    return render(request, "media_app/home.html", {"items": items})
+    config = page_config(request)
+    accept = ",".join([*config["limits"]["allowed_types"], *config["limits"]["allowed_extensions"]])
+    context = {"page_config": config, "accept": accept, "asset_version": ASSET_VERSION}
+    return render(request, "media_app/home.html", context)
+
+
+login = auth_views.LoginView.as_view(
+    template_name="media_app/login.html",
+    redirect_authenticated_user=True,
+    next_page="home",
+    extra_context={"asset_version": ASSET_VERSION},
+)
+logout = auth_views.LogoutView.as_view(next_page=LOGIN_URL)
 
 
 def healthz(request: HttpRequest) -> HttpResponse:

@@ -5,4 +5,6 @@ cd "$ROOT"
 ensure_venv
 # The suite starts its own redis-server when none answers on 127.0.0.1:6379.
 redis_reachable || ensure_redis_binary
+# Browser tests (tests/e2e) drive Debian's chromium through Playwright.
+command -v chromium >/dev/null || { log "installing chromium"; apt_install chromium; }
 exec "$PY" -m pytest "$@"

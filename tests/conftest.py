@@ -7,6 +7,7 @@ committed data, hence ``transactional_db``.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -50,6 +51,12 @@ def _subprocess_env() -> dict[str, str]:
         )
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def _die_with_parent() -> None:
+    """preexec: SIGKILL this server when the test run dies, so no orphan serves a later run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class _Logged:
@@ -96,6 +103,7 @@ class Worker(_Logged):
             stdout=self._log_file(),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         wait_for(lambda: self._alive() and app.control.ping([self.name], timeout=0.5), timeout=60, what="the worker")
 
@@ -166,6 +174,7 @@ class AsgiServer(_Logged):
             stdout=self._log_file(),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
         def up() -> bool:

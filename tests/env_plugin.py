@@ -27,8 +27,12 @@ def free_port() -> int:
 
 
 def _claim_db(host: str, port: int) -> int | None:
-    """A database number no other test run holds (a lock key with an expiry in each)."""
+    """A database number no other test run holds (a lock key with an expiry in each) and no
+    client uses (a worker orphaned by a killed run would otherwise steal this run's tasks)."""
+    busy = {int(c["db"]) for c in redis.Redis(host=host, port=port, socket_connect_timeout=1).client_list()}
     for db in range(1, 16):
+        if db in busy:
+            continue
         client = redis.Redis(host=host, port=port, db=db, socket_connect_timeout=1)
         if client.set("cpc-test-run-lock", os.getpid(), nx=True, ex=3 * 3600):
             for key in client.scan_iter(count=1000):

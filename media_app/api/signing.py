@@ -114,3 +114,33 @@ def download_url(request: HttpRequest, *, key: str, content_type: str, file_name
         token = signing.dumps({"k": key, "t": content_type, "n": file_name, "e": expires}, salt=DOWNLOAD_SALT)
         url = request.build_absolute_uri(reverse("api:file", args=[token]))
     return url, expires_at.isoformat()
+
+
+# --- DASH: one token for a folder, so the player can resolve segment URLs against the manifest ---
+
+DASH_SALT = "media_app.api.dash"
+
+
+@dataclass(frozen=True)
+class DashGrant:
+    prefix: str  # the folder in storage, ending in "/"
+    version: str  # changes when the outputs are rewritten (a rerun), so cached bytes never go stale
+    expires: int
+
+
+def dash_token_read(token: str) -> DashGrant:
+    data = _read(token, DASH_SALT)
+    return DashGrant(prefix=str(data["p"]), version=str(data["v"]), expires=int(data["e"]))
+
+
+def dash_url(request: HttpRequest, *, manifest_key: str, version: str) -> tuple[str, str]:
+    """The manifest's URL under a token that grants its whole folder; returns (url, expires_at).
+
+    dash.js resolves the manifest's relative ``init-…``/``chunk-…`` names against this URL, so
+    every segment carries the same token without the manifest being rewritten. Served by us on
+    S3 too: the segment cache sits in front of the storage.
+    """
+    prefix, _, name = manifest_key.rpartition("/")
+    expires, expires_at = _expiry(settings.DOWNLOAD_URL_EXPIRY_SECONDS)
+    token = signing.dumps({"p": f"{prefix}/", "v": version, "e": expires}, salt=DASH_SALT)
+    return request.build_absolute_uri(reverse("media-dash", args=[token, name])), expires_at.isoformat()

@@ -7,12 +7,17 @@ they stream bodies in chunks rather than through a parser.
 
 from __future__ import annotations
 
+import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import PurePosixPath
 from typing import IO, Any
 
+import redis
 from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import caches
 from django.core.files.storage import default_storage
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -37,6 +42,8 @@ from media_app.api.serializers import (
 )
 from media_app.api.signing import (
     TokenRefused,
+    dash_token_read,
+    dash_url,
     download_token_read,
     download_url,
     upload_target,
@@ -58,6 +65,7 @@ from media_app.uploads import (
 )
 
 STREAM_CHUNK = 512 * 1024
+logger = logging.getLogger(__name__)
 ERRORS = {400: ErrorOutput, 401: ErrorOutput, 404: ErrorOutput, 409: ErrorOutput}
 
 
@@ -84,9 +92,14 @@ def item_detail(request: HttpRequest, item: MediaItem) -> dict[str, Any]:
     payload = media_item_payload(item)
     stem = PurePosixPath(item.original_name).stem or "media"
     for out in payload.get("outputs", []):
+        if out["role"] == "manifest":
+            # A folder grant, so the player fetches the segments relative to the manifest.
+            version = item.finished_at.isoformat() if item.finished_at else "0"
+            out["url"], out["url_expires_at"] = dash_url(request, manifest_key=out["key"], version=version)
+            continue
         name = f"{stem}{PurePosixPath(out['key']).suffix}"
         out["url"], out["url_expires_at"] = download_url(
-            request, key=out["key"], content_type=out["content_type"], file_name=name
+            request, key=out["key"], content_type=output_content_type(out["key"], out["content_type"]), file_name=name
         )
     if upload_is_open(item):
         payload["upload"] = {
@@ -208,14 +221,16 @@ def file_download(request: HttpRequest, token: str) -> HttpResponse:
     if wanted is not None:
         start, end = wanted
         length, code = end - start + 1, 206
+    content_type = output_content_type(grant.key, grant.content_type)
     if request.method == "HEAD":
         fh.close()
-        response: HttpResponse = HttpResponse(status=code, content_type=grant.content_type)
+        response: HttpResponse = HttpResponse(status=code, content_type=content_type)
     else:
         body = _aiter_file(fh, start, length) if isinstance(request, ASGIRequest) else _iter_file(fh, start, length)
-        response = StreamingHttpResponse(body, status=code, content_type=grant.content_type)
+        response = StreamingHttpResponse(body, status=code, content_type=content_type)
     response["Content-Length"] = str(length)
     response["Accept-Ranges"] = "bytes"
+    response["X-Content-Type-Options"] = "nosniff"
     response["Content-Disposition"] = content_disposition_header(False, grant.file_name)
     response["Cache-Control"] = "private, max-age=300"
     if code == 206:
@@ -269,3 +284,111 @@ async def _aiter_file(fh: IO[bytes], start: int, length: int) -> AsyncIterator[b
             yield chunk
     finally:
         fh.close()
+
+
+# --- output types and DASH serving -----------------------------------------------------------
+
+# What each output's extension is, for objects stored without a useful type (and for the DASH
+# folder, whose files have no grant of their own). Python's mimetypes knows neither .mpd nor,
+# before 3.13, .avif.
+OUTPUT_CONTENT_TYPES = {
+    ".mpd": "application/dash+xml",
+    ".webm": "video/webm",
+    ".avif": "image/avif",
+    ".webp": "image/webp",
+    ".opus": "audio/ogg",
+    ".m4s": "video/iso.segment",
+}
+GENERIC_TYPES = ("", "application/octet-stream", "binary/octet-stream")
+# A manifest or segment name as the chunk stage writes them: no folders, no dot files.
+DASH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SEGMENT_CACHE = "segments"
+
+
+def output_content_type(key: str, declared: str = "") -> str:
+    if declared.lower() not in GENERIC_TYPES:
+        return declared
+    return OUTPUT_CONTENT_TYPES.get(PurePosixPath(key).suffix.lower(), "application/octet-stream")
+
+
+def segment_cache_key(key: str, version: str) -> str:
+    return f"dash:{version}:{key}"
+
+
+def segment_load(key: str, version: str) -> tuple[bytes | None, IO[bytes] | None, bool]:
+    """A DASH file's bytes, from the cache when a request read them within the TTL.
+
+    Returns (bytes, None, hit) or, for a file above MEDIA_SEGMENT_CACHE_MAX_BYTES, (None, open
+    file, False) to stream. A cache that does not answer is a miss, never an error: storage
+    still has the bytes.
+    """
+    cache = caches[SEGMENT_CACHE]
+    cache_key = segment_cache_key(key, version)
+    try:
+        data = cache.get(cache_key)
+    except redis.RedisError:
+        logger.warning("segment cache unavailable; reading %s from storage", key, exc_info=True)
+        data = None
+    if data is not None:
+        return data, None, True
+    fh = default_storage.open(key, "rb")
+    if fh.size > settings.MEDIA_SEGMENT_CACHE_MAX_BYTES:
+        return None, fh, False
+    with fh:
+        data = fh.read()
+    try:
+        cache.set(cache_key, data, timeout=settings.MEDIA_SEGMENT_CACHE_SECONDS)
+    except redis.RedisError:
+        logger.warning("segment cache unavailable; %s not cached", key, exc_info=True)
+    return data, None, False
+
+
+def dash_file(request: HttpRequest, token: str, name: str) -> HttpResponse:
+    """Serve a DASH manifest or segment from a folder granted by a signed token, with Range."""
+    if request.method not in ("GET", "HEAD"):
+        return json_error("method_not_allowed", "Use GET.", 405)
+    try:
+        grant = dash_token_read(token)
+    except TokenRefused as exc:
+        return json_error(exc.code, exc.message)
+    if not DASH_NAME.fullmatch(name):
+        return json_error("not_found", "There is no such file.")
+    key = grant.prefix + name
+    try:
+        data, fh, hit = segment_load(key, grant.version)
+    except FileNotFoundError:
+        return json_error("not_found", "This file no longer exists.")
+    if data is not None:
+        size = len(data)
+    else:
+        assert fh is not None
+        size = fh.size
+    start, length, code = 0, size, 200
+    wanted = parse_range(request.headers.get("Range", ""), size)
+    if wanted == "unsatisfiable":
+        if fh is not None:
+            fh.close()
+        response = json_error("range_not_satisfiable", f"The file has {size} bytes.", 416)
+        response["Content-Range"] = f"bytes */{size}"
+        return response
+    if wanted is not None:
+        start, end = wanted
+        length, code = end - start + 1, 206
+    content_type = output_content_type(key)
+    if request.method == "HEAD" or data is not None:
+        if fh is not None:
+            fh.close()
+        body = b"" if request.method == "HEAD" or data is None else data[start : start + length]
+        response = HttpResponse(body, status=code, content_type=content_type)
+    else:
+        assert fh is not None
+        stream = _aiter_file(fh, start, length) if isinstance(request, ASGIRequest) else _iter_file(fh, start, length)
+        response = StreamingHttpResponse(stream, status=code, content_type=content_type)
+    response["Content-Length"] = str(length)
+    response["Accept-Ranges"] = "bytes"
+    response["X-Content-Type-Options"] = "nosniff"
+    response["X-Segment-Cache"] = "hit" if hit else "miss"
+    response["Cache-Control"] = "private, max-age=300"
+    if code == 206:
+        response["Content-Range"] = f"bytes {start}-{start + length - 1}/{size}"
+    return response
