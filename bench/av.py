@@ -114,9 +114,12 @@ def video_section(report: Report, owner: Any, *, height: int, reps: int, vmaf_su
         plain = [p["total"] for p in plains]
         rt_pipe, rt_plain = duration / median(pipe), duration / median(plain)
         tag = f"video {height}p {duration:.0f} s → WebM+DASH+thumb"
+        # Issue 3 sets the realtime target for 720p; 1080p is reported beside it.
+        target, meets = (
+            (f"≥ {REALTIME_VIDEO:g}x (value)", check(rt_pipe, ">=", REALTIME_VIDEO)) if height == 720 else ("", None)
+        )
         report.add(
-            Row(f"{tag}: realtime", rt_pipe, "x realtime", rt_plain, ratio(rt_pipe, rt_plain),
-                f"≥ {REALTIME_VIDEO:g}x (value)", check(rt_pipe, ">=", REALTIME_VIDEO),
+            Row(f"{tag}: realtime", rt_pipe, "x realtime", rt_plain, ratio(rt_pipe, rt_plain), target, meets,
                 spread([duration / t for t in pipe]), reps, "baseline: plain ffmpeg commands")
         )  # fmt: skip
         # Each pipeline run sits next to a plain run: the median of the pairs' ratios follows the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import traceback
@@ -157,13 +158,24 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    (args.out / "latest.json").write_text(json.dumps(_finite(doc), indent=1, ensure_ascii=False) + "\n")
     (args.out / "latest.md").write_text(markdown(doc))
     print("\n" + table(doc["rows"]))
     print(f"\nload average: start {load_start}, end {load_end}; {minutes:.1f} min; wrote {args.out}/latest.json, .md")
     for e in errors:
         print(f"ERROR {e}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: a figure that could not be measured is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 COLUMNS = ("name", "value", "unit", "baseline", "ratio", "target", "meets", "spread", "n", "note")

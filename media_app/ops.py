@@ -7,7 +7,6 @@ an admin and the watchdog racing on one item change it once. Work is started onl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -28,7 +27,13 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from media_app.models import MediaItem, MediaStatus, Rendition, StatusEvent
-from media_app.services import PROCESS_TASK, ErrorReport, media_processing_start, media_status_report
+from media_app.services import (
+    PROCESS_TASK,
+    ErrorReport,
+    media_processing_start,
+    media_status_report,
+    storage_delete_tree,
+)
 
 if TYPE_CHECKING:
     from django_celery_beat.models import PeriodicTask
@@ -182,23 +187,10 @@ def _remove_outputs(item: MediaItem) -> None:
     keys = set(item.renditions.values_list("storage_key", flat=True))
     for key in keys:
         default_storage.delete(key)
-    _delete_prefix(f"outputs/{item.pk}")
+    storage_delete_tree(f"outputs/{item.pk}")
     Rendition.objects.filter(item=item).delete()
     # Stage work files, when this machine sees them (WORK_ROOT is shared between workers).
     shutil.rmtree(Path(settings.WORK_ROOT) / str(item.pk), ignore_errors=True)
-
-
-def _delete_prefix(prefix: str) -> None:
-    try:
-        dirs, files = default_storage.listdir(prefix)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for name in files:
-        default_storage.delete(f"{prefix}/{name}")
-    for name in dirs:
-        _delete_prefix(f"{prefix}/{name}")
-    with contextlib.suppress(NotImplementedError):
-        shutil.rmtree(default_storage.path(prefix), ignore_errors=True)
 
 
 # --- watchdog actions ----------------------------------------------------------------------------

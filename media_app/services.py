@@ -8,6 +8,7 @@ state the database does not hold.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import Iterable
@@ -200,3 +201,20 @@ def renditions_replace(*, item_id: Any, renditions: Iterable[dict[str, Any]]) ->
     with transaction.atomic():
         Rendition.objects.filter(item_id=item_id).delete()
         return [Rendition.objects.create(item_id=item_id, **r) for r in renditions]
+
+
+def storage_delete_tree(prefix: str) -> None:
+    """Delete every stored object under ``prefix`` (S3 has no folders to remove; disk does)."""
+    try:
+        dirs, files = default_storage.listdir(prefix)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for name in files:
+        default_storage.delete(f"{prefix}/{name}")
+    for name in dirs:
+        storage_delete_tree(f"{prefix}/{name}")
+    try:
+        path = default_storage.path(prefix)
+    except NotImplementedError:
+        return
+    shutil.rmtree(path, ignore_errors=True)

@@ -35,7 +35,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from media_app.models import MediaItem, MediaStatus
-from media_app.services import ErrorReport, media_processing_start, media_status_report
+from media_app.services import ErrorReport, media_processing_start, media_status_report, storage_delete_tree
 from pipelines.errors import InvalidInput, MediaError, UnsupportedCodec
 from pipelines.sniff import Sniffed, sniff_bytes
 
@@ -437,25 +437,9 @@ def _remove_files(item: MediaItem) -> None:
     for key in keys:
         default_storage.delete(key)
     for prefix in (f"uploads/{item.pk}", f"outputs/{item.pk}"):
-        _delete_tree(prefix)
+        storage_delete_tree(prefix)
     # Stage work files of this item, when this machine can see them (see WORK_ROOT).
     shutil.rmtree(Path(settings.WORK_ROOT) / str(item.pk), ignore_errors=True)
-
-
-def _delete_tree(prefix: str) -> None:
-    try:
-        dirs, files = default_storage.listdir(prefix)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for name in files:
-        default_storage.delete(f"{prefix}/{name}")
-    for name in dirs:
-        _delete_tree(f"{prefix}/{name}")
-    try:
-        path = default_storage.path(prefix)
-    except NotImplementedError:
-        return
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _revoke(task_id: str) -> None:
