@@ -211,27 +211,42 @@ def file_download(request: HttpRequest, token: str) -> HttpResponse:
         fh = default_storage.open(grant.key, "rb")
     except FileNotFoundError:
         return json_error("not_found", "This file no longer exists.")
+    response = ranged_response(
+        request, size=size, fh=fh, content_type=output_content_type(grant.key, grant.content_type)
+    )
+    if response.status_code < 300:
+        response["Content-Disposition"] = content_disposition_header(False, grant.file_name)
+    return response
+
+
+def ranged_response(
+    request: HttpRequest, *, size: int, content_type: str, fh: IO[bytes] | None = None, data: bytes | None = None
+) -> HttpResponse:
+    """Answer GET/HEAD for a stored file (open ``fh``) or cached bytes (``data``), one Range at most."""
     start, length, code = 0, size, 200
     wanted = parse_range(request.headers.get("Range", ""), size)
     if wanted == "unsatisfiable":
-        fh.close()
+        if fh is not None:
+            fh.close()
         response = json_error("range_not_satisfiable", f"The file has {size} bytes.", 416)
         response["Content-Range"] = f"bytes */{size}"
         return response
     if wanted is not None:
         start, end = wanted
         length, code = end - start + 1, 206
-    content_type = output_content_type(grant.key, grant.content_type)
-    if request.method == "HEAD":
-        fh.close()
-        response: HttpResponse = HttpResponse(status=code, content_type=content_type)
+    response: HttpResponse
+    if request.method == "HEAD" or data is not None:
+        if fh is not None:
+            fh.close()
+        body = b"" if request.method == "HEAD" or data is None else data[start : start + length]
+        response = HttpResponse(body, status=code, content_type=content_type)
     else:
-        body = _aiter_file(fh, start, length) if isinstance(request, ASGIRequest) else _iter_file(fh, start, length)
-        response = StreamingHttpResponse(body, status=code, content_type=content_type)
+        assert fh is not None
+        stream = _aiter_file(fh, start, length) if isinstance(request, ASGIRequest) else _iter_file(fh, start, length)
+        response = StreamingHttpResponse(stream, status=code, content_type=content_type)
     response["Content-Length"] = str(length)
     response["Accept-Ranges"] = "bytes"
     response["X-Content-Type-Options"] = "nosniff"
-    response["Content-Disposition"] = content_disposition_header(False, grant.file_name)
     response["Cache-Control"] = "private, max-age=300"
     if code == 206:
         response["Content-Range"] = f"bytes {start}-{start + length - 1}/{size}"
@@ -358,37 +373,7 @@ def dash_file(request: HttpRequest, token: str, name: str) -> HttpResponse:
         data, fh, hit = segment_load(key, grant.version)
     except FileNotFoundError:
         return json_error("not_found", "This file no longer exists.")
-    if data is not None:
-        size = len(data)
-    else:
-        assert fh is not None
-        size = fh.size
-    start, length, code = 0, size, 200
-    wanted = parse_range(request.headers.get("Range", ""), size)
-    if wanted == "unsatisfiable":
-        if fh is not None:
-            fh.close()
-        response = json_error("range_not_satisfiable", f"The file has {size} bytes.", 416)
-        response["Content-Range"] = f"bytes */{size}"
-        return response
-    if wanted is not None:
-        start, end = wanted
-        length, code = end - start + 1, 206
-    content_type = output_content_type(key)
-    if request.method == "HEAD" or data is not None:
-        if fh is not None:
-            fh.close()
-        body = b"" if request.method == "HEAD" or data is None else data[start : start + length]
-        response = HttpResponse(body, status=code, content_type=content_type)
-    else:
-        assert fh is not None
-        stream = _aiter_file(fh, start, length) if isinstance(request, ASGIRequest) else _iter_file(fh, start, length)
-        response = StreamingHttpResponse(stream, status=code, content_type=content_type)
-    response["Content-Length"] = str(length)
-    response["Accept-Ranges"] = "bytes"
-    response["X-Content-Type-Options"] = "nosniff"
+    size = len(data) if data is not None else fh.size  # type: ignore[union-attr]
+    response = ranged_response(request, size=size, fh=fh, data=data, content_type=output_content_type(key))
     response["X-Segment-Cache"] = "hit" if hit else "miss"
-    response["Cache-Control"] = "private, max-age=300"
-    if code == 206:
-        response["Content-Range"] = f"bytes {start}-{start + length - 1}/{size}"
     return response
