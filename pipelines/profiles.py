@@ -41,9 +41,9 @@ class AudioProfile:
 class ImageProfile:
     long_edge: int = 2048
     avif_quality: int = 60
-    avif_speed: int = 8
+    avif_speed: int = 9
     webp_quality: int = 80
-    webp_method: int = 4
+    webp_method: int = 2
 
 
 @dataclass(frozen=True)
