@@ -144,6 +144,16 @@ def _children_map() -> dict[int, list[int]]:
     return kids
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm") as fh:
@@ -251,7 +261,7 @@ class Report:
 def fmt(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "—"
-    if float(x).is_integer() and (x == 0 or abs(x) >= 100):
+    if float(x).is_integer():
         return f"{int(x)}"
     if abs(x) >= 100:
         return f"{x:.0f}"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import inputs, stack
-from bench.harness import REAL, Report, Row, TreeSampler, check, median, pct, ratio
+from bench.harness import REAL, Report, Row, TreeSampler, check, median, pct, proc_cpu, ratio
 
 WS_MS = 250.0  # issue 6: subscribers one web process holds with the delay under 250 ms
 MEMORY_GROWTH_MB = 64.0  # issue 5: the web process's memory stays flat (our bound: growth under 64 MB)
@@ -111,16 +111,21 @@ def websocket_section(report: Report, server: Any, *, counts: list[int], items: 
         owner = stack.user(f"bench-ws-{count}-{time.monotonic_ns()}")
         headers = _session_headers(owner, server)
         with TreeSampler(server.proc.pid) as memory:
-            started = time.monotonic()
+            started, web_cpu, own_cpu = time.monotonic(), proc_cpu(server.proc.pid), time.process_time()
             watched = asyncio.run(_watch(count, f"{server.ws_url}/ws/media/", headers, paths, owner))
+            wall = time.monotonic() - started
+            web_busy, own_busy = (proc_cpu(server.proc.pid) - web_cpu) / wall, (time.process_time() - own_cpu) / wall
         ms = [d * 1000 for d in watched.delays] or [float("nan")]
         p50, p95 = median(ms), pct(ms, 95)
         results[count] = (p50, p95 if not watched.lost else float("inf"))
         base = results[counts[0]][1] if count != counts[0] else None
         most = max(watched.received, default=0)
         delivered = sum(watched.received) / (most * count) if most else 0.0
-        note = f"{most} events; {delivered:.0%} delivered; web RSS {memory.peak.processes_mb:.0f} MB; "
-        note += f"{time.monotonic() - started:.0f} s" + (f"; STOPPED: {watched.lost}" if watched.lost else "")
+        note = (
+            f"{most} events; {delivered:.1%} delivered; web RSS {memory.peak.processes_mb:.0f} MB; CPU busy: web "
+            f"{web_busy:.0%}, clients {own_busy:.0%}; {wall:.0f} s"
+            + (f"; STOPPED: {watched.lost}" if watched.lost else "")
+        )
         report.add(
             Row(f"websocket delay save→client, {count} subscriber{'s' if count > 1 else ''}", p95, "ms p95", base,
                 ratio(p95, base), f"< {WS_MS:g} ms (value)", False if watched.lost else check(p95, "<", WS_MS),

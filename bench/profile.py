@@ -98,12 +98,14 @@ def _ours(path: str) -> bool:
     return any(f"/{part}/" in path or path.startswith(f"{part}/") for part in ("media_app", "tasks", "pipelines"))
 
 
-def summarize(raw: Path, *, top: int = 12) -> list[str]:
-    """Bucket shares and the hottest functions of our code (inclusive samples)."""
+def summarize(raw: Path, *, top: int = 12, buckets_too: bool = True) -> list[str]:
+    """Bucket shares (the worker's), the hottest functions of our code (inclusive samples) and
+    the hottest functions overall (self time)."""
     if not raw.exists():
         return ["(no profile: py-spy not installed or not permitted)"]
     buckets: collections.Counter[str] = collections.Counter()
     ours: collections.Counter[str] = collections.Counter()
+    leaves: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -116,12 +118,22 @@ def summarize(raw: Path, *, top: int = 12) -> list[str]:
             if _matches(frames, needles):
                 buckets[name] += count
                 break
-        for label in {f"{f} ({p.rsplit('/', 2)[-2]}/{p.rsplit('/', 1)[-1]})" for f, p in frames if _ours(p)}:
+        for label in {_label(f, p) for f, p in frames if _ours(p)}:
             ours[label] += count
+        leaves[_label(*frames[-1])] += count
     if not total:
         return ["(no samples)"]
-    lines = [f"{total} on-CPU samples of the worker's Python processes", ""]
-    lines += [f"- {name}: {100 * n / total:.0f} %" for name, n in buckets.most_common()]
-    lines += ["", f"Hottest functions of ours (inclusive, % of all samples), top {top}:", ""]
+    lines = [f"{total} on-CPU samples of the process and its children", ""]
+    if buckets_too:
+        lines += [f"- {name}: {100 * n / total:.0f} %" for name, n in buckets.most_common()]
+        lines.append("")
+    lines += [f"Hottest functions of ours (inclusive, % of all samples), top {top}:", ""]
     lines += [f"- {100 * n / total:4.1f} %  {f}" for f, n in ours.most_common(top)]
+    lines += ["", f"Hottest functions overall (self time), top {top}:", ""]
+    lines += [f"- {100 * n / total:4.1f} %  {f}" for f, n in leaves.most_common(top)]
     return lines
+
+
+def _label(func: str, path: str) -> str:
+    parts = path.rsplit("/", 2)
+    return f"{func} ({'/'.join(parts[-2:])})"

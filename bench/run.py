@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.json and latest.md go")
     parser.add_argument(
-        "--profile", action="store_true", help="sample the worker with py-spy during audio and throughput"
+        "--profile",
+        action="store_true",
+        help="py-spy: the worker during audio and throughput, the web process during websocket",
     )
     args = parser.parse_args(argv)
     only = [s for s in args.only.split(",") if s] or list(SECTIONS)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     report.extra["machine"] = machine()
     errors: list[str] = []
 
-    def attempt(name: str, fn: Callable[[], None], *, profile: bool = False) -> None:
+    def attempt(name: str, fn: Callable[[], None], *, profile: bool = False, pid: int | None = None) -> None:
         if name not in only:
             return
         raw = CACHE / f"profile-{name}.raw"
@@ -80,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         with section(name):
             try:
                 if profile and args.profile:
-                    with WorkerProfile(worker.proc.pid, raw):  # type: ignore[union-attr]
+                    with WorkerProfile(pid or worker.proc.pid, raw):  # type: ignore[union-attr]
                         fn()
-                    report.extra.setdefault("profiles", {})[name] = summarize(raw)
+                    report.extra.setdefault("profiles", {})[name] = summarize(raw, buckets_too=pid is None)
                     print("\n".join("   " + line for line in report.extra["profiles"][name]), flush=True)
                 else:
                     fn()
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             attempt(
                 "websocket",
                 lambda: live.websocket_section(report, server, counts=list(plan.ws_counts), items=plan.ws_items),
+                profile=True,
+                pid=server.proc.pid,  # type: ignore[union-attr]
             )
         peak = worker_memory.peak
         report.add(
@@ -238,7 +242,8 @@ def markdown(doc: dict[str, Any]) -> str:
         if "throughput" in details:
             out.append(f"- small image (mean ms): {details['throughput']['stages_mean_ms']}")
     for name, lines in details.get("profiles", {}).items():
-        out += ["", f"## Profile of the worker during {name} (py-spy)", "", *lines]
+        who = "web process" if name == "websocket" else "worker"
+        out += ["", f"## Profile of the {who} during {name} (py-spy)", "", *lines]
     if doc["errors"]:
         out += ["", "## Errors", "", *[f"- {e}" for e in doc["errors"]]]
     return "\n".join(out) + "\n"
