@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.harness import CACHE, RESULTS, Report, Row, TreeSampler, fmt, load, machine, section, setup_django
+from bench.harness import CACHE, REAL, RESULTS, Report, Row, TreeSampler, fmt, load, machine, section, setup_django
 
 SECTIONS = ("video", "audio", "images", "thumbnails", "throughput", "websocket", "tus")
 
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown sections: {sorted(unknown)}")
     plan = QUICK if args.quick else FULL
+    if not REAL.is_dir():
+        parser.error(f"the real samples are missing: expected in {REAL} (beside the repository, as for the tests)")
 
     load_start = load()
     started = time.monotonic()

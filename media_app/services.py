@@ -190,10 +190,16 @@ def media_broadcast(item: MediaItem) -> None:
         return
     event = {"type": "media.status", "item": media_item_payload(item)}
     try:
-        async_to_sync(layer.group_send)(item_group(item.pk), event)
-        async_to_sync(layer.group_send)(owner_group(item.owner_id), event)
+        # One trip into the event loop for both groups: each async_to_sync call from a worker
+        # starts a loop and a Redis connection of its own (a third of the worker's Python CPU).
+        async_to_sync(_group_send_all)(layer, (item_group(item.pk), owner_group(item.owner_id)), event)
     except Exception:
         logger.warning("broadcast failed for %s", item.pk, exc_info=True)
+
+
+async def _group_send_all(layer: Any, groups: Iterable[str], event: dict[str, Any]) -> None:
+    for group in groups:
+        await layer.group_send(group, event)
 
 
 def renditions_replace(*, item_id: Any, renditions: Iterable[dict[str, Any]]) -> list[Rendition]:
