@@ -31,6 +31,7 @@ from media_app.services import (
     PROCESS_TASK,
     ErrorReport,
     media_processing_start,
+    media_run_reset,
     media_status_report,
     storage_delete_tree,
 )
@@ -96,15 +97,7 @@ def media_retry(*, item_id: Any) -> MediaItem:
             queued = item.status == MediaStatus.PENDING and item.task_id
             raise OpsRefused("already queued" if queued else f"not failed ({item.status})")
         _require_source(item)
-        media_status_report(
-            item_id=item.pk,
-            status=MediaStatus.PENDING,
-            stage="",
-            attempts=0,
-            message="Retry requested by an administrator",
-            record=True,
-            extra={"error_code": "", "error_message": "", "error_detail": "", "task_id": "", "eta_seconds": None},
-        )
+        media_run_reset(item_id=item.pk, message="Retry requested by an administrator")
         item.refresh_from_db()
         media_processing_start(item=item)
     logger.info("retry queued item=%s", item_id)
@@ -120,23 +113,8 @@ def media_reprocess(*, item_id: Any) -> MediaItem:
             raise OpsRefused(f"not finished ({item.status})")
         _require_source(item)
         _remove_outputs(item)
-        media_status_report(
-            item_id=item.pk,
-            status=MediaStatus.PENDING,
-            stage="",
-            attempts=0,
-            message="Reprocess from scratch requested by an administrator",
-            record=True,
-            extra={
-                "error_code": "",
-                "error_message": "",
-                "error_detail": "",
-                "task_id": "",
-                "progress": 0,
-                "timings": {},
-                "started_at": None,
-                "eta_seconds": None,
-            },
+        media_run_reset(
+            item_id=item.pk, message="Reprocess from scratch requested by an administrator", from_scratch=True
         )
         item.refresh_from_db()
         media_processing_start(item=item)

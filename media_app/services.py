@@ -163,6 +163,25 @@ def media_status_report(
     return item
 
 
+def media_run_reset(*, item_id: Any, message: str, from_scratch: bool = False) -> MediaItem | None:
+    """Back to Pending for a new run (retry, reprocess): error cleared, attempts and progress from zero.
+
+    A retry keeps the stage timings of the stages it will skip; a run from scratch forgets them."""
+    extra: dict[str, Any] = {
+        "error_code": "",
+        "error_message": "",
+        "error_detail": "",
+        "task_id": "",
+        "progress": 0,
+        "eta_seconds": None,
+    }
+    if from_scratch:
+        extra |= {"timings": {}, "started_at": None}
+    return media_status_report(
+        item_id=item_id, status=MediaStatus.PENDING, stage="", attempts=0, message=message, record=True, extra=extra
+    )
+
+
 _last_progress: dict[str, float] = {}
 
 

@@ -35,7 +35,13 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from media_app.models import MediaItem, MediaStatus
-from media_app.services import ErrorReport, media_processing_start, media_status_report, storage_delete_tree
+from media_app.services import (
+    ErrorReport,
+    media_processing_start,
+    media_run_reset,
+    media_status_report,
+    storage_delete_tree,
+)
 from pipelines.errors import InvalidInput, MediaError, UnsupportedCodec
 from pipelines.sniff import Sniffed, sniff_bytes
 
@@ -394,15 +400,7 @@ def upload_retry(*, item: MediaItem) -> MediaItem:
         raise UploadRefused(
             "source_missing", "The uploaded file is gone, so there is nothing to retry; upload it again."
         )
-    media_status_report(
-        item_id=item.pk,
-        status=MediaStatus.PENDING,
-        stage="",
-        attempts=0,
-        message="Retry requested",
-        record=True,
-        extra={"error_code": "", "error_message": "", "error_detail": "", "task_id": "", "progress": 0},
-    )
+    media_run_reset(item_id=item.pk, message="Retry requested")
     with transaction.atomic():
         media_processing_start(item=item)
     logger.info("retry queued item=%s", item.pk)
