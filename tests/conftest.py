@@ -8,6 +8,7 @@ committed data, hence ``transactional_db``.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -35,6 +36,23 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, interva
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def run_process_command(paths: list[Path], data_dir: Path, *, timeout: float = 900) -> tuple[Any, dict[str, dict]]:
+    """``manage.py process --json`` as a developer runs it (embedded defaults in ``data_dir``):
+    the finished process and its reports by input file name."""
+    env = {**os.environ, "DATA_DIR": str(data_dir)}
+    env.pop("DATABASE_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "process", "--json", *map(str, paths)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc, {Path(r["input"]).name: r for r in lines}
 
 
 def _subprocess_env() -> dict[str, str]:

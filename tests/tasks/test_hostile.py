@@ -3,10 +3,6 @@ worker; nothing leaks a local file, the worker survives, and a normal file besid
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +10,7 @@ import pytest
 from media_app.models import MediaItem
 from media_app.services import media_processing_start
 from tasks.bindings import profiles
-from tests.conftest import ROOT, TESTDATA, wait_for
+from tests.conftest import TESTDATA, run_process_command, wait_for
 from tests.media import drawn_image
 
 HOSTILE = sorted((TESTDATA / "hostile").iterdir())
@@ -48,17 +44,7 @@ def _check(name: str, status: str, code: str | None, message: str | None) -> Non
 
 
 def test_every_hostile_sample_through_the_cli(tmp_path):
-    env = {**os.environ, "DATA_DIR": str(tmp_path / "data")}
-    env.pop("DATABASE_URL", None)
-    proc = subprocess.run(
-        [sys.executable, "manage.py", "process", "--json", *map(str, HOSTILE)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    reports = {Path(r["input"]).name: r for r in map(json.loads, proc.stdout.splitlines())}
+    proc, reports = run_process_command(HOSTILE, tmp_path / "data", timeout=600)
     assert set(reports) == {p.name for p in HOSTILE}, proc.stderr[-3000:]
     assert proc.returncode == 1  # some failed, as they must
     for name, report in reports.items():

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
-import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import pillow_heif
 import pytest
 from PIL import Image, ImageOps, ImageStat
 
-from tests.conftest import ROOT, TESTDATA
+from tests.conftest import TESTDATA, run_process_command
 
 pillow_heif.register_heif_opener()
 REAL = sorted((TESTDATA / "real").iterdir())
@@ -25,23 +21,10 @@ MPD = "{urn:mpeg:dash:schema:mpd:2011}"
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> dict[str, dict]:
     data = tmp_path_factory.mktemp("cli-data")
-    env = {**os.environ, "DATA_DIR": str(data)}
-    env.pop("DATABASE_URL", None)
-    proc = subprocess.run(
-        [sys.executable, "manage.py", "process", "--json", *map(str, REAL)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0, (
-        proc.returncode,
-        [r for r in lines if r["status"] != "Completed"],
-        proc.stderr[-3000:],
-    )
-    return {Path(r["input"]).name: r for r in lines}
+    proc, by_name = run_process_command(REAL, data)
+    failed = [r for r in by_name.values() if r["status"] != "Completed"]
+    assert proc.returncode == 0, (proc.returncode, failed, proc.stderr[-3000:])
+    return by_name
 
 
 def _outputs(report: dict, role: str) -> list[dict]:
