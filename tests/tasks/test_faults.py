@@ -14,7 +14,7 @@ from media_app.services import media_processing_start
 from tests.conftest import Worker, wait_for
 from tests.media import drawn_image, lavfi_video
 
-pytestmark = pytest.mark.worker
+pytestmark = [pytest.mark.worker, pytest.mark.postgres]
 
 
 def _children(pid: int) -> list[int]:

@@ -25,7 +25,7 @@ from media_app.services import ErrorReport, media_item_create, media_status_repo
 from tasks import maintenance
 from tests.env_plugin import ROOT
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
 
 def _manage(*args: str, db: Path, check: bool = True) -> subprocess.CompletedProcess[str]:

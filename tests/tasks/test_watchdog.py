@@ -23,6 +23,8 @@ from tasks.maintenance import Snapshot, take_snapshot, watchdog_run
 from tests.conftest import RUN_DIR, wait_for
 from tests.media import lavfi_video
 
+pytestmark = pytest.mark.postgres
+
 # --- decisions, on snapshots made up for each case -------------------------------------------
 
 
