@@ -1,4 +1,8 @@
-"""ASGI entry point: HTTP to Django, websockets to Channels consumers (same origin, logged in)."""
+"""ASGI entry point: HTTP to Django, websockets to Channels consumers.
+
+A websocket's session cookie counts only when its ``Origin`` is one of our hosts; a client with a
+token needs no ``Origin`` (see ``media_app.consumers.SessionForOwnPages``).
+"""
 
 from __future__ import annotations
 
@@ -10,21 +14,20 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # Django must be set up before the routing (and its consumers' models) is imported.
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.urls import path  # noqa: E402
 
+from media_app.consumers import SessionForOwnPages  # noqa: E402
 from media_app.graphql.schema import schema  # noqa: E402
 from media_app.graphql.views import MediaGraphQLWSConsumer  # noqa: E402
 from media_app.routing import websocket_urlpatterns  # noqa: E402
 
-# GraphQL subscriptions (graphql-transport-ws) share the origin check and the session auth.
+# GraphQL subscriptions (graphql-transport-ws) share the origin check and the authentication.
 websocket_routes = [path("graphql/", MediaGraphQLWSConsumer.as_asgi(schema=schema)), *websocket_urlpatterns]
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_routes))),
+        "websocket": SessionForOwnPages(URLRouter(websocket_routes)),
     }
 )

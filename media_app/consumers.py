@@ -3,38 +3,213 @@
 Thin by design: join the item's (or the owner's) group, send a snapshot, forward
 ``media.status`` events. Each event carries the item's ``seq``; the consumer drops any event
 not newer than what it already sent, so the snapshot/event race never shows a step backwards.
+
+Who may connect: a browser page of ours (its ``Origin`` is checked, then its session cookie
+counts) or any client with ``Authorization: Token …`` (no ``Origin`` needed: a token is not
+ambient like a cookie, so a cross-site page cannot borrow it). See ``SessionForOwnPages``.
+
+A socket's end is never an incident: the Redis behind the channel layer may be slow or
+restarting when a client leaves (``LayerTolerantConsumer``), and the client may be gone before
+the last message; each is one log line, never a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
 from typing import Any
 
+from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.security.websocket import AllowedHostsOriginValidator
+from django.contrib.auth.models import AnonymousUser
+from redis.exceptions import RedisError
+from rest_framework import exceptions
 
+from media_app.graphql.context import authenticate_websocket
 from media_app.selectors import media_item_payload, media_items_for_user
 from media_app.services import item_group, owner_group
+
+logger = logging.getLogger("media_app.sockets")
 
 # Close codes in the 4000 range (application-defined), mirroring HTTP where one fits.
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
+# 1011: the server cannot serve the socket just now (the channel layer is unreachable).
+CLOSE_UNAVAILABLE = 1011
+NOT_AUTHENTICATED = (
+    "Authentication credentials were not provided: log in on this site's page, "
+    "or send the header 'Authorization: Token <key>'."
+)
+
+# What a slow or restarting Redis raises through channels_redis (timeouts, refused connections).
+LAYER_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+# How long a socket that has ended keeps trying to leave its groups while Redis is unreachable.
+LEAVE_GROUPS_FOR = 30.0
 
 
-class _StatusConsumer(AsyncJsonWebsocketConsumer):
-    groups_joined: list[str]
+def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+class SessionForOwnPages:
+    """ASGI middleware: the session cookie counts only on a handshake from one of our pages.
+
+    The ``Origin`` check exists against cross-site use of a visitor's cookie, so it guards the
+    cookie only. A handshake without ``Origin`` comes from no browser (browsers always send one
+    on a websocket) and one with ``Authorization`` brings its own credential: both go on
+    without the session, and the consumer authenticates the token (or closes with 4401).
+    A handshake with a foreign ``Origin`` and no token is refused (403), as before.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.with_session = AllowedHostsOriginValidator(AuthMiddlewareStack(inner))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        if _header(scope, b"origin") is not None and _header(scope, b"authorization") is None:
+            return await self.with_session(scope, receive, send)
+        return await self.inner({**scope, "user": AnonymousUser()}, receive, send)
+
+
+class LayerTolerantConsumer:
+    """Mixin for channel-layer consumers: Redis trouble never ends in a traceback.
+
+    - The layer's receive loop retries a failed read instead of killing the socket. (Redis-py
+      reads time out after ``socket_timeout``, 5 s by default, while channels_redis blocks
+      ``BZPOPMIN`` for 5 s too: an idle socket races that timeout every 5 s.)
+    - Leaving the groups after the socket ended retries for ``LEAVE_GROUPS_FOR`` seconds, so a
+      Redis paused or restarting at that moment still ends with the channel out of its groups.
+    - A client gone before our last message, or a layer error anywhere else, ends the consumer
+      with one log line (and close code 1011 when the client is still there).
+    """
+
+    groups_joined: set[str]
+    _layer_receive: Any = None
+
+    def _consumer_init(self) -> None:
+        self.groups_joined = set()
+        self.opened_at = time.monotonic()
+        self.close_code: int | None = None
+
+    # AsyncConsumer.__call__ assigns ``channel_receive`` and passes it to its dispatch loop: the
+    # property hands that loop our retrying wrapper instead.
+    @property
+    def channel_receive(self) -> Any:
+        return self._receive_from_layer
+
+    @channel_receive.setter
+    def channel_receive(self, receive: Any) -> None:
+        self._layer_receive = receive
+
+    async def _receive_from_layer(self) -> dict[str, Any]:
+        failures = 0
+        while True:
+            try:
+                message: dict[str, Any] = await self._layer_receive()
+            except LAYER_ERRORS as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # The socket is closing and its read was cancelled; the read timeout may have
+                    # expired at the same moment and turned the cancellation into a TimeoutError.
+                    raise asyncio.CancelledError from exc
+                failures += 1
+                # One timeout is the BZPOPMIN race above; a second in a row means Redis is away.
+                level = logging.DEBUG if failures == 1 and "Timeout" in type(exc).__name__ else logging.WARNING
+                logger.log(level, "websocket %s: channel layer read failed (%s); retrying", self._path(), exc)
+                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
+                continue
+            if failures > 1:
+                logger.info("websocket %s: channel layer reachable again", self._path())
+            return message
+
+    async def join_group(self, group: str) -> None:
+        self.groups_joined.add(group)  # first, so that a half-done add is undone on leaving
+        await self.channel_layer.group_add(group, self.channel_name)  # type: ignore[attr-defined]
+
+    async def leave_groups(self) -> None:
+        """Leave every group joined, retrying while Redis is unreachable (never raises)."""
+        deadline = time.monotonic() + LEAVE_GROUPS_FOR
+        delay = 0.5
+        while self.groups_joined:
+            group = next(iter(self.groups_joined))
+            try:
+                await self.channel_layer.group_discard(group, self.channel_name)  # type: ignore[attr-defined]
+            except LAYER_ERRORS as exc:
+                if time.monotonic() + delay > deadline:
+                    logger.warning(
+                        "websocket %s: could not leave %d group(s) (%s); they expire on their own",
+                        self._path(),
+                        len(self.groups_joined),
+                        exc,
+                    )
+                    return
+                logger.warning("websocket %s: leaving group %s failed (%s); retrying", self._path(), group, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.groups_joined.discard(group)
+
+    def _path(self) -> str:
+        return str(getattr(self, "scope", {}).get("path", "?"))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self._consumer_init()
+        how = "closed"
+        try:
+            await super().__call__(scope, receive, send)  # type: ignore[misc]
+        except LAYER_ERRORS as exc:
+            # OSError covers the ASGI server's "client disconnected" on a send to a gone client.
+            how = f"ended: {type(exc).__name__}: {exc}"
+            await self._close_quietly()
+            await self.leave_groups()
+        finally:
+            code = f" (code {self.close_code})" if self.close_code is not None else ""
+            logger.info(
+                "websocket %s %s%s after %.1f s", scope.get("path", "?"), how, code, time.monotonic() - self.opened_at
+            )
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        self.close_code = message.get("code")
+        await super().websocket_disconnect(message)  # type: ignore[misc]
+
+    async def _close_quietly(self) -> None:
+        try:
+            await self.close(code=CLOSE_UNAVAILABLE, reason="Live updates are unavailable for a moment; reconnect.")  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - the client is gone, or the socket is closed already
+            return
+
+
+class _StatusConsumer(LayerTolerantConsumer, AsyncJsonWebsocketConsumer):
     last_seq: dict[str, int]
 
     async def connect(self) -> None:
-        self.groups_joined, self.last_seq = [], {}
-        user = self.scope.get("user")
-        # Accept first so the client sees our close code instead of a bare handshake failure.
+        self.last_seq = {}
+        # Accept first so the client sees our close code and reason, not a bare handshake failure.
         await self.accept()
-        if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+        try:
+            user = await database_sync_to_async(authenticate_websocket)(self.scope, {})
+        except exceptions.AuthenticationFailed as exc:
+            await self.close(code=CLOSE_UNAUTHENTICATED, reason=str(exc.detail))
             return
-        if not await self.subscribe(user):
-            await self.close(code=CLOSE_NOT_FOUND)
+        if user is None:
+            await self.close(code=CLOSE_UNAUTHENTICATED, reason=NOT_AUTHENTICATED)
+            return
+        try:
+            found = await self.subscribe(user)
+        except LAYER_ERRORS as exc:
+            logger.warning("websocket %s: could not join the status group (%s)", self._path(), exc)
+            await self.close(code=CLOSE_UNAVAILABLE, reason="Live updates are unavailable for a moment; reconnect.")
+            return
+        if not found:
+            await self.close(code=CLOSE_NOT_FOUND, reason="There is no such item.")
             return
         for payload in await self.snapshot(user):
             await self.forward(payload)
@@ -45,13 +220,9 @@ class _StatusConsumer(AsyncJsonWebsocketConsumer):
     async def snapshot(self, user: Any) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    async def join(self, group: str) -> None:
-        await self.channel_layer.group_add(group, self.channel_name)
-        self.groups_joined.append(group)
-
     async def disconnect(self, code: int) -> None:
-        for group in self.groups_joined:
-            await self.channel_layer.group_discard(group, self.channel_name)
+        await self.leave_groups()
+        raise StopConsumer()
 
     async def media_status(self, event: dict[str, Any]) -> None:
         await self.forward(event["item"])
@@ -75,7 +246,7 @@ class MediaItemConsumer(_StatusConsumer):
         self.item_id = str(self.scope["url_route"]["kwargs"]["item_id"])
         if not await self._visible(user, self.item_id):
             return False
-        await self.join(item_group(self.item_id))
+        await self.join_group(item_group(self.item_id))
         return True
 
     async def snapshot(self, user: Any) -> list[dict[str, Any]]:
@@ -100,7 +271,7 @@ class MediaListConsumer(_StatusConsumer):
     SNAPSHOT_LIMIT = 100
 
     async def subscribe(self, user: Any) -> bool:
-        await self.join(owner_group(user.pk))
+        await self.join_group(owner_group(user.pk))
         return True
 
     @database_sync_to_async

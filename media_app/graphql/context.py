@@ -4,7 +4,8 @@ HTTP runs REST's own authenticators (``REST_FRAMEWORK["DEFAULT_AUTHENTICATION_CL
 token, then the session with its CSRF check), so a token needs no CSRF token and a session POST
 keeps CSRF protection. A websocket is authenticated once, at ``connection_init``: the token in
 its payload (``{"Authorization": "Token …"}``, as browsers cannot set headers on a websocket), a
-token header on the handshake, or else the session cookie (Channels' AuthMiddlewareStack).
+token header on the handshake, or else the session cookie (Channels' AuthMiddlewareStack), which
+counts only on a handshake whose ``Origin`` is ours (``media_app.consumers.SessionForOwnPages``).
 """
 
 from __future__ import annotations

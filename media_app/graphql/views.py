@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -20,6 +22,7 @@ from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UNSET, UnsetType
 from strawberry.utils.operation import get_operation_type
 
+from media_app.consumers import LayerTolerantConsumer
 from media_app.graphql.context import GraphQLContext, authenticate_http, authenticate_websocket, request_from_scope
 from media_app.graphql.errors import websocket_required
 
@@ -59,12 +62,31 @@ class MediaGraphQLView(AsyncGraphQLView):
         return await super().render_graphql_ide(request)
 
 
-class MediaGraphQLWSConsumer(GraphQLWSConsumer):
-    """Websocket: graphql-transport-ws only (the legacy graphql-ws protocol is not offered)."""
+class MediaGraphQLWSConsumer(LayerTolerantConsumer, GraphQLWSConsumer):
+    """Websocket: graphql-transport-ws only (the legacy graphql-ws protocol is not offered).
+
+    Redis trouble is handled as on the status sockets (``LayerTolerantConsumer``): Strawberry
+    leaves a subscription's groups but silences a failure, so the groups are left again, with
+    retries, once the socket has ended.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("subscription_protocols", (GRAPHQL_TRANSPORT_WS_PROTOCOL,))
         super().__init__(**kwargs)
+
+    @contextlib.asynccontextmanager
+    async def listen_to_channel(
+        self, type: str, *, timeout: float | None = None, groups: Sequence[str] = ()
+    ) -> AsyncGenerator[Any, None]:
+        self.groups_joined.update(groups)
+        async with super().listen_to_channel(type, timeout=timeout, groups=groups) as events:
+            yield events
+
+    async def disconnect(self, code: int) -> None:
+        try:
+            await super().disconnect(code)  # ends the operations (and their listen_to_channel)
+        finally:
+            await self.leave_groups()
 
     async def get_context(self, request: Any, response: Any) -> GraphQLContext:  # type: ignore[override]
         return GraphQLContext(request=request_from_scope(self.scope), consumer=self)
