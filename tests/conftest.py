@@ -1,8 +1,8 @@
 """Fixtures every test layer reuses: a real Celery worker, a live ASGI server, users, items.
 
-The worker and the server are subprocesses started once per run against the same SQLite file
-and Redis database as the tests (see ``tests/env_plugin.py``); tests that use them need
-committed data, hence ``transactional_db``.
+The worker and the server are subprocesses started once per run against the same test database
+(a SQLite file, or a PostgreSQL database) and Redis database as the tests (see
+``tests/env_plugin.py``); tests that use them need committed data, hence ``transactional_db``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,6 +57,8 @@ def run_process_command(paths: list[Path], data_dir: Path, *, timeout: float = 9
 
 
 def _subprocess_env() -> dict[str, str]:
+    """The environment of the worker and the server: this run's, with ``DATABASE_URL`` naming the
+    test database that ``django_db_setup`` created (its name is in ``settings_dict`` by now)."""
     from django.db import connection
 
     env = dict(os.environ)
@@ -63,10 +66,10 @@ def _subprocess_env() -> dict[str, str]:
     if settings_dict["ENGINE"].endswith("sqlite3"):
         env["DATABASE_URL"] = f"sqlite:///{settings_dict['NAME']}"
     else:
-        env["DATABASE_URL"] = (
-            f"postgres://{settings_dict['USER']}:{settings_dict['PASSWORD']}@{settings_dict['HOST'] or '127.0.0.1'}:"
-            f"{settings_dict['PORT'] or 5432}/{settings_dict['NAME']}"
-        )
+        # The run's own URL with only the database swapped, so that user, password, host (a
+        # socket directory too) and options (``?sslmode=``) reach the subprocesses as they are.
+        url = urllib.parse.urlsplit(os.environ["DATABASE_URL"])
+        env["DATABASE_URL"] = url._replace(path="/" + urllib.parse.quote(settings_dict["NAME"])).geturl()
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
