@@ -1,4 +1,4 @@
-// Copy the browser builds the upload page loads into versioned folders under
+// Copy the browser builds our pages load (the upload page, GraphiQL) into versioned folders under
 // media_app/static/media_app/vendor/ (committed, so `make run` needs no npm).
 // Run after changing a version in package.json: `npm ci && npm run vendor`.
 import { copyFileSync, mkdirSync, readFileSync, rmSync } from "node:fs";
@@ -18,6 +18,11 @@ const packages = [
       "LICENSE.md",
     ],
   },
+  // GraphiQL at /graphql/ (media_app/templates/media_app/graphiql.html): its UMD build and the
+  // React it needs, instead of the unpkg.com copies Strawberry's own page loads.
+  { name: "react", files: ["umd/react.production.min.js", "LICENSE"] },
+  { name: "react-dom", files: ["umd/react-dom.production.min.js", "LICENSE"] },
+  { name: "graphiql", files: ["graphiql.min.js", "graphiql.min.css", "LICENSE"] },
 ];
 
 rmSync(target, { recursive: true, force: true });

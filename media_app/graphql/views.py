@@ -10,7 +10,8 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
-from django.middleware.csrf import get_token
+from django.template.loader import render_to_string
+from django.urls import reverse
 from graphql import GraphQLError, parse
 from rest_framework import exceptions
 from strawberry.channels import GraphQLWSConsumer
@@ -25,6 +26,12 @@ from strawberry.utils.operation import get_operation_type
 from media_app.consumers import LayerTolerantConsumer
 from media_app.graphql.context import GraphQLContext, authenticate_http, authenticate_websocket, request_from_scope
 from media_app.graphql.errors import websocket_required
+from media_app.views import ASSET_VERSION
+
+GRAPHIQL_STAFF_ONLY = (
+    "GraphiQL is open to staff accounts (log in at {login}). The GraphQL API itself is POST /graphql/ "
+    "with your session or 'Authorization: Token <key>'; its schema is schema.graphql.\n"
+)
 
 
 def _is_subscription(query: str | None, operation_name: str | None) -> bool:
@@ -35,16 +42,16 @@ def _is_subscription(query: str | None, operation_name: str | None) -> bool:
 
 
 class MediaGraphQLView(AsyncGraphQLView):
-    """HTTP: queries and mutations; GraphiQL in a browser when DEBUG is on.
+    """HTTP: queries and mutations; GraphiQL in a browser for staff, and for everyone with DEBUG.
 
     Mounted ``csrf_exempt``: CSRF is enforced by REST's SessionAuthentication instead, which
     applies it to session-authenticated requests only, so token clients need no CSRF token.
+    GraphiQL and the React it runs on are served from our static files (the product runs on
+    closed networks), not from the CDN that Strawberry's own page uses.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # Read per request (a view instance lives for one), so DEBUG set at run time holds.
-        self.graphql_ide = "graphiql" if settings.DEBUG else None
+    # Every browser GET without a query reaches render_graphql_ide, which decides who sees it.
+    graphql_ide = "graphiql"
 
     async def get_context(self, request: HttpRequest, response: HttpResponse) -> GraphQLContext:  # type: ignore[override]
         user, auth_error = await sync_to_async(authenticate_http)(request)
@@ -56,10 +63,20 @@ class MediaGraphQLView(AsyncGraphQLView):
             return ExecutionResult(data=None, errors=[websocket_required()])
         return await super().execute_single(request_data=request_data, **kwargs)
 
-    async def render_graphql_ide(self, request: HttpRequest) -> HttpResponse:
-        # GraphiQL sends the csrftoken cookie back as X-CSRFToken: make sure it has one.
-        get_token(request)
-        return await super().render_graphql_ide(request)
+    async def render_graphql_ide(self, request: HttpRequest) -> HttpResponse:  # type: ignore[override]
+        # The session's user (GraphiQL is a page of this site): staff, or anyone while DEBUG is on.
+        user = await request.auser()
+        if not settings.DEBUG and not user.is_staff:
+            # Strangers learn no more than a 404 would tell, plus where staff log in.
+            status = 403 if user.is_authenticated else 404
+            login = f"{reverse('login')}?next={request.path}"
+            return HttpResponse(GRAPHIQL_STAFF_ONLY.format(login=login), status=status, content_type="text/plain")
+        # GraphiQL sends the csrftoken back as X-CSRFToken: render_to_string with the request
+        # makes the token (and sets the cookie) through the template's csrf_token.
+        content = await sync_to_async(render_to_string)(
+            "media_app/graphiql.html", {"asset_version": ASSET_VERSION}, request=request
+        )
+        return HttpResponse(content)
 
 
 class MediaGraphQLWSConsumer(LayerTolerantConsumer, GraphQLWSConsumer):
