@@ -92,6 +92,10 @@ class MediaItem:
     progress: int = strawberry.field(description="0-100, never falling within a run; 100 only when Completed.")
     attempts: int
     error: MediaError | None
+    retryable: bool = strawberry.field(
+        description="Whether a retry can change the outcome: Failed, its upload still stored, and not a fault of "
+        "the file itself (a damaged file fails the same way every time)."
+    )
     queue_position: int | None = strawberry.field(description="1 for the next item its queue takes; Pending only.")
     eta_seconds: float | None = strawberry.field(description="Estimated seconds left; Processing only.")
     size: BigInt
@@ -157,6 +161,7 @@ def media_item_from_payload(payload: dict[str, Any], *, outputs: list[MediaOutpu
         progress=payload["progress"],
         attempts=payload["attempts"],
         error=MediaError(code=error["code"], message=error["message"]) if error else None,
+        retryable=bool(payload.get("retryable", False)),
         queue_position=payload.get("queue_position"),
         eta_seconds=payload.get("eta_seconds"),
         size=payload["size"],

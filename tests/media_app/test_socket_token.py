@@ -22,7 +22,7 @@ from rest_framework.authtoken.models import Token
 from media_app.services import media_item_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
-STATUS = "subscription($id: ID!) { mediaStatus(mediaId: $id) { id processingStatus } }"
+STATUS = "subscription($id: ID!) { mediaStatus(mediaId: $id) { id processingStatus retryable } }"
 ITEMS = "{ mediaItems { edges { node { id } } } }"
 
 
@@ -61,6 +61,7 @@ def test_status_sockets_take_a_token_without_origin(asgi_server, owner):
     one = asyncio.run(first_message(f"{base}{owner['item']}/", token))
 
     assert listed["item"]["id"] == owner["item"] and one["item"]["id"] == owner["item"]
+    assert one["item"]["retryable"] is False  # Pending: nothing to retry
     # From a page of another site a token still works: it is not ambient like a cookie.
     foreign = asyncio.run(first_message(base, {**token, "Origin": "https://elsewhere.example"}))
     assert foreign["item"]["id"] == owner["item"]
@@ -111,7 +112,7 @@ def test_graphql_ws_takes_a_token_without_origin(asgi_server, owner):
 
     listed, first, by_header = asyncio.run(scenario())
     assert listed["mediaItems"]["edges"] == [{"node": {"id": owner["item"]}}]
-    assert first["mediaStatus"] == {"id": owner["item"], "processingStatus": "Pending"}
+    assert first["mediaStatus"] == {"id": owner["item"], "processingStatus": "Pending", "retryable": False}
     assert by_header == listed
 
 
