@@ -74,6 +74,23 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's, plus, on PostgreSQL, before it drops the test database: end the sessions
+    that other threads of this process left open (``asyncio.to_thread``, ``sync_to_async``: each
+    thread has its own connection, and Django closes only this thread's), which would make
+    ``DROP DATABASE`` fail. The worker and the server have stopped by then (they depend on this)."""
+    yield
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+
+
 def _die_with_parent() -> None:
     """preexec: SIGKILL this server when the test run dies, so no orphan serves a later run."""
     libc = ctypes.CDLL(None, use_errno=True)
