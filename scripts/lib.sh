@@ -99,9 +99,11 @@ PG_TMP=""
 PG_AS=()
 pg_start_throwaway() {
   local bin port
+  pg_reap_throwaways
   bin=$(pg_bindir)
   port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   PG_TMP=$(mktemp -d "${TMPDIR:-/tmp}/cpc-pg.XXXXXX")
+  echo $$ >"$PG_TMP/owner"
   PG_AS=()
   if [ "$(id -u)" = 0 ]; then
     chown postgres: "$PG_TMP"
@@ -121,4 +123,19 @@ pg_stop_throwaway() {
   (cd "$PG_TMP" && "${PG_AS[@]}" "$(pg_bindir)/pg_ctl" -D "$PG_TMP/data" -m immediate -w stop >/dev/null 2>&1) || true
   rm -rf "$PG_TMP"
   PG_TMP=""
+}
+
+# Throwaway clusters of earlier runs killed before their clean-up ran (their owner is gone).
+pg_reap_throwaways() {
+  local dir owner
+  for dir in "${TMPDIR:-/tmp}"/cpc-pg.*; do
+    [ -f "$dir/owner" ] || continue
+    owner=$(cat "$dir/owner")
+    [ -d "/proc/$owner" ] && continue
+    log "removing the throwaway PostgreSQL cluster of a run that was killed ($dir)"
+    PG_TMP=$dir
+    PG_AS=()
+    [ "$(id -u)" = 0 ] && PG_AS=(runuser -u postgres --)
+    pg_stop_throwaway
+  done
 }
