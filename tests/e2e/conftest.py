@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,19 @@ RECORD_BARS = """
 """
 
 
+def wait_in_page(page: Any, predicate: Callable[[], Any], *, timeout: float, what: str) -> Any:
+    """``wait_for`` for browser tests: polls through Playwright, whose event handlers (routes,
+    requests) run only while one of its calls is waiting, never during a plain ``time.sleep``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        page.wait_for_timeout(100)
+
+
 @dataclass
 class Shots:
     folder: Path
@@ -80,6 +94,22 @@ class Traffic:
 
     def hosts(self) -> set[str]:
         return {urlsplit(r.url).hostname or "" for r in self.requests if r.url.startswith("http")}
+
+
+# What must never appear in the web server's log while a person uses the site.
+INCIDENTS = re.compile(rb"Traceback|Exception in ASGI application| ERROR ")
+
+
+@pytest.fixture(autouse=True)
+def web_log_stays_clean(asgi_server: Any) -> Iterator[None]:
+    """Every browser test ends by reading the web server's log of its own span: no traceback."""
+    start = asgi_server.log.stat().st_size
+    yield
+    with open(asgi_server.log, "rb") as fh:
+        fh.seek(start)
+        text = fh.read()
+    found = INCIDENTS.search(text)
+    assert found is None, f"the web log has an error:\n{text[max(0, found.start() - 2000) :].decode(errors='replace')}"
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.conftest import TESTDATA
-from tests.e2e.conftest import PASSWORD
+from tests.e2e.conftest import PASSWORD, wait_in_page
 
 sync_api = pytest.importorskip("playwright.sync_api")  # requirements-dev.txt; `make test` installs it
 expect, PlaywrightError = sync_api.expect, sync_api.Error
@@ -95,6 +95,9 @@ def test_log_in_drop_a_video_pick_an_image_and_watch_both_play(page, asgi_server
     expect(video_card.locator('[data-box="upload"] [data-text]')).to_contain_text("Uploaded")
     expect(video_card.locator('[data-box="process"] [data-text]')).to_contain_text("Done")
 
+    # Results open on demand, in a bounded preview; the thumbnail shows at once.
+    expect(video_card.locator(".card-thumb img")).to_be_visible()
+    video_card.locator("summary").click()
     # The video plays from the DASH manifest through dash.js (Media Source: a blob: source).
     video = video_card.locator("video")
     expect(video).to_have_attribute("data-source", "dash")
@@ -116,7 +119,9 @@ def test_log_in_drop_a_video_pick_an_image_and_watch_both_play(page, asgi_server
     expect(video_card.locator(".card-thumb")).to_be_visible()
     shots.take(page, "completed-video-playing")
 
-    # The image: AVIF (WebP fallback) through a signed URL, actually decoded.
+    # The image: AVIF (WebP fallback) through a signed URL, actually decoded, and bounded.
+    expect(image_card.locator(".card-thumb img")).to_be_visible()
+    image_card.locator("summary").click()
     img = image_card.locator("picture img")
     page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=img.element_handle(), timeout=30_000)
     current = img.evaluate("i => i.currentSrc")
@@ -125,6 +130,7 @@ def test_log_in_drop_a_video_pick_an_image_and_watch_both_play(page, asgi_server
     assert served and served[0].headers["content-type"] == "image/avif"
     expect(image_card.locator(".sizes")).to_contain_text("AVIF image")
     expect(image_card.locator(".sizes")).to_contain_text("WebP image")
+    assert img.evaluate("i => i.getBoundingClientRect().height") <= 320
     image_card.scroll_into_view_if_needed()
     shots.take(page, "completed-image", full_page=False)
 
@@ -187,7 +193,8 @@ def test_hostile_files_show_why_they_failed_and_the_list_updates_live(logged_in_
     expect(php_card.locator("[data-badge]")).to_have_text("Failed", timeout=30_000)
     reason = "The file is not a video, audio or image file we can read."
     expect(php_card.locator("[data-error]")).to_have_text(reason)
-    expect(php_card.get_by_role("button", name="Retry holiday.jpg")).to_be_visible()
+    # A retry cannot change what the file is: the server says so (retryable: false), no button.
+    expect(php_card.get_by_role("button", name="Retry holiday.jpg")).to_be_hidden()
     assert traffic.paths("POST").count("/api/tus/") == 1  # the SVG was refused before sending
     shots.take(page, "hostile-files-refused")
 
@@ -196,9 +203,7 @@ def test_hostile_files_show_why_they_failed_and_the_list_updates_live(logged_in_
     expect(row.locator("[data-error]")).to_have_text(reason)
     shots.take(watcher, "other-tab-list-updated-live")
 
-    # Retry asks the server, which explains that the refused bytes are gone.
-    php_card.get_by_role("button", name="Retry holiday.jpg").click()
-    expect(php_card.locator("[data-error]")).to_contain_text("upload it again")
+    expect(row.get_by_role("button", name="Retry holiday.jpg")).to_be_hidden()
     item_id = php_card.get_attribute("data-item-id")
     php_card.get_by_role("button", name=re.compile(r"^(Delete|Remove) holiday\.jpg$")).click()
     expect(php_card).to_have_count(0)
@@ -231,11 +236,7 @@ def test_a_reload_in_the_middle_of_an_upload_resumes_at_the_stored_offset(logged
     page.route("**/api/tus/**", gate)
     page.set_input_files("#file-input", str(big))
     upload_card = card(page, big.name)
-    for _ in range(300):
-        if held:
-            break
-        page.wait_for_timeout(100)
-    assert held, "the second chunk never started"
+    wait_in_page(page, lambda: held, timeout=30, what="the second chunk")
     item_id = upload_card.get_attribute("data-item-id")
     assert item_id
     before = bar_values(page, big.name, "upload")
@@ -247,18 +248,31 @@ def test_a_reload_in_the_middle_of_an_upload_resumes_at_the_stored_offset(logged
     for route in held:
         with contextlib.suppress(PlaywrightError):
             route.abort()  # the request of the page that is gone; never to reach the server
-    gate_state["passes"] = None
+    held.clear()
+    gate_state["passes"] = 0  # and the resumed upload's first chunk waits while its note is read
     unfinished = page.locator("#unfinished")
     expect(unfinished).to_be_visible()
     expect(unfinished).to_contain_text(f"{big.name} — 8.0 MB of 20.0 MB sent")
     shots.take(page, "after-reload-unfinished-upload-listed")
 
+    # "Resume…" on the row opens the file chooser; the same file picked there continues.
     reloaded_at = len(traffic.requests)
-    page.set_input_files("#file-input", str(big))
+    with page.expect_file_chooser() as chooser:
+        unfinished.get_by_role("button", name=f"Resume the upload of {big.name}: pick the file again").click()
+    expect(unfinished).to_contain_text(f"Pick {big.name} (20.0 MB)")
+    chooser.value.set_files(str(big))
     upload_card = card(page, big.name)
     expect(upload_card).to_have_attribute("data-resumed-offset", str(chunk))
-    expect(upload_card.locator("[data-note]")).to_contain_text("Resumed at 8.0 MB of 20.0 MB")
+    note = upload_card.locator("[data-note]")
+    expect(note).to_contain_text("Resumed at 8.0 MB of 20.0 MB")
+    expect(unfinished).to_be_hidden()
+    shots.take(page, "resuming")
+    wait_in_page(page, lambda: held, timeout=30, what="the resumed upload's first chunk")
+    gate_state["passes"] = None
+    for route in held:
+        route.continue_()
     expect(upload_card.locator("[data-badge]")).to_have_text("Completed", timeout=120_000)
+    expect(note).to_be_hidden()  # the note was about the upload, which is done
     shots.take(page, "resumed-and-completed")
 
     after = traffic.requests[reloaded_at:]
@@ -267,7 +281,7 @@ def test_a_reload_in_the_middle_of_an_upload_resumes_at_the_stored_offset(logged
     assert urlsplit(patches[0].url).path == f"/api/tus/{item_id}"
     assert int(patches[0].headers["upload-offset"]) == chunk  # continued, not restarted
     assert moved(bar_values(page, big.name, "upload"))
-    expect(unfinished).to_be_hidden()
+    upload_card.locator("summary").click()
     expect(upload_card.locator(".sizes")).to_contain_text("20.0 MB")
 
     # Cancel: the item and its files are gone.

@@ -1,13 +1,19 @@
 /*
  * cpc-media upload page.
  *
- * Files go up with tus (tus-js-client, 8 MB chunks); tus-js-client remembers each upload's URL
- * in localStorage under the file's fingerprint, so after a reload the same file picks up at the
- * offset the server holds. Status comes from one websocket (/ws/media/: every item of the user,
- * a snapshot first, then each change with a sequence number). Results play from signed URLs:
- * video through dash.js from the DASH manifest, falling back to the progressive WebM.
+ * Files go up with tus (tus-js-client, 8 MB chunks) through a queue: any number of files may be
+ * picked or dropped, at most MAX_SENDING are sent at once, the rest wait in line (each can be
+ * paused, resumed or removed). When the server says "not now" (429: too many uploads started, or
+ * too many unfinished), the queue waits as Retry-After says (else backs off) and tries again.
+ * tus-js-client remembers each upload's URL in localStorage under the file's fingerprint, so after
+ * a reload the same file, picked again, continues at the offset the server holds.
  *
- * Plain script, no build step: the two libraries are vendored under vendor/<name>-<version>/.
+ * Status comes from one websocket (/ws/media/: every item of the user, a snapshot first, then each
+ * change with a sequence number). "Your media" is a gallery of thumbnails; a result opens on
+ * demand in a bounded preview, from signed URLs: video through dash.js from the DASH manifest,
+ * falling back to the progressive WebM.
+ *
+ * Plain script, no build step: the libraries are vendored under vendor/<name>-<version>/.
  */
 (() => {
   "use strict";
@@ -38,6 +44,12 @@
   };
   const MAIN_ROLES = ["video", "audio", "image_avif", "image_webp"];
   const TONES = { Pending: "wait", Processing: "busy", Completed: "ok", Failed: "bad" };
+  // Files sent at once: enough to keep the line busy, few enough that each moves visibly and the
+  // server's limit of unfinished uploads per person is never reached by one page.
+  const MAX_SENDING = 3;
+  // Without Retry-After, "not now" from the server waits 2 s, 4 s, 8 s … up to a minute.
+  const BACKOFF_FIRST_MS = 2000;
+  const BACKOFF_MAX_MS = 60000;
 
   // --- small helpers ---------------------------------------------------------------------------
 
@@ -91,6 +103,12 @@
     window.setTimeout(() => { announcer.textContent = text; }, 50);
   }
 
+  function ordinal(n) {
+    const tens = n % 100;
+    const suffix = tens >= 11 && tens <= 13 ? "th" : { 1: "st", 2: "nd", 3: "rd" }[n % 10] || "th";
+    return `${n}${suffix}`;
+  }
+
   async function api(method, url) {
     let res;
     try {
@@ -108,17 +126,37 @@
     return { ok: res.ok, status: res.status, body, message };
   }
 
+  function tusErrorBody(err) {
+    const res = err && err.originalResponse;
+    if (!res) return null;
+    try {
+      const body = JSON.parse(res.getBody());
+      return body && body.error ? body.error : null;
+    } catch (e) { return null; /* not JSON */ }
+  }
+
   function tusErrorMessage(err) {
     const res = err && err.originalResponse;
     if (res) {
-      try {
-        const body = JSON.parse(res.getBody());
-        if (body && body.error && body.error.message) return body.error.message;
-      } catch (e) { /* not JSON */ }
+      const body = tusErrorBody(err);
+      if (body && body.message) return body.message;
       if (res.getStatus() === 403) return "You are signed out or the page is out of date; reload it.";
       return `The server refused the upload (${res.getStatus()}).`;
     }
-    return "The connection was lost. Add the same file again to continue where it stopped.";
+    return "The connection was lost.";
+  }
+
+  // "Not now" from the server: too many uploads started in a while, or too many unfinished. The
+  // file is fine; waiting helps. Returns the wait in ms (Retry-After when given), else null.
+  function serverSaysWait(err) {
+    const res = err && err.originalResponse;
+    if (!res) return null;
+    const body = tusErrorBody(err);
+    const code = body && body.code;
+    if (res.getStatus() !== 429 && code !== "too_many_uploads" && code !== "rate_limited") return null;
+    const header = res.getHeader("Retry-After");
+    const seconds = header != null ? Number.parseInt(header, 10) : Number.NaN;
+    return Number.isFinite(seconds) && seconds >= 0 ? seconds * 1000 : 0;
   }
 
   function describeAccepted() {
@@ -148,7 +186,7 @@
     return null;
   }
 
-  // --- cards -----------------------------------------------------------------------------------
+  // --- cards ---------------------------------------------------------------------------------
 
   const template = document.getElementById("card-template");
   const uploadsList = document.getElementById("uploads");
@@ -157,24 +195,38 @@
   const libraryMore = document.getElementById("library-more");
   const known = new Map(); // item id -> latest state (highest seq)
   const cardsById = new Map(); // item id -> Card (on the page, in either list)
+  const deleted = new Set(); // item ids deleted here: a status event arriving late is ignored
   let cardCount = 0;
 
+  // Upload phases of a card made on this page. After "uploaded" the server's status speaks.
+  //   queued   waiting in line (or for the server to accept more)
+  //   sending  bytes on the way
+  //   paused   held by the person; keeps its place and what was sent
+  //   stopped  the connection failed; "Resume upload" puts it back in line
+  //   uploaded the last byte is in
+  const UPLOAD_PHASES = ["queued", "sending", "paused", "stopped"];
+
   class Card {
-    constructor({ name, size, session }) {
+    constructor({ name, size, session, file = null }) {
       this.n = ++cardCount;
       this.name = name;
       this.size = size;
       this.session = session;
+      this.file = file;
+      this.phase = session ? "new" : "server";
       this.itemId = null;
       this.item = null;
       this.upload = null;
-      this.uploading = false;
       this.resultsShown = false;
+      this.detail = null;
+      this.detailAt = 0;
       this.node = template.content.firstElementChild.cloneNode(true);
       this.node.dataset.card = String(this.n);
       this.q = (sel) => this.node.querySelector(sel);
       this.q("[data-name]").textContent = name;
       this.badge = this.q("[data-badge]");
+      this.thumb = this.q("[data-thumb]");
+      this.thumb.hidden = session; // a gallery tile always has its frame; an upload row only with a picture
       for (const role of ["upload", "process"]) {
         const box = this.q(`[data-box="${role}"]`);
         const bar = box.querySelector("progress");
@@ -184,13 +236,18 @@
         text.id = `${role}-text-${this.n}`;
         bar.setAttribute("aria-describedby", text.id);
       }
+      this.pauseButton = this.q('[data-action="pause"]');
       this.retryButton = this.q('[data-action="retry"]');
       this.cancelButton = this.q('[data-action="cancel"]');
-      this.retryButton.setAttribute("aria-label", `Retry ${name}`);
+      this.pauseButton.addEventListener("click", () => this.togglePause());
       this.retryButton.addEventListener("click", () => this.retry());
       this.cancelButton.addEventListener("click", () => this.cancel());
-      if (!session) {
-        // Earlier items: results link and buttons share one line.
+      this.setRetry(false);
+      if (session) {
+        // Upload rows: the buttons sit beside the name, so a long line of files stays short.
+        this.q(".card-head").append(this.q(".actions"));
+      } else {
+        // Gallery tiles: results link and buttons share one line under the picture.
         const foot = el("div", { class: "card-foot" });
         this.q("[data-results]").before(foot);
         foot.append(this.q("[data-results]"), this.q(".actions"));
@@ -199,6 +256,8 @@
       this.setCancelLabel("Cancel");
     }
 
+    get inUpload() { return UPLOAD_PHASES.includes(this.phase); }
+
     setMeta() {
       const parts = [formatBytes(this.size)];
       if (this.item && this.item.kind) parts.push(this.item.kind);
@@ -206,6 +265,7 @@
         parts.push(new Date(this.item.created_at).toLocaleString());
       }
       this.q("[data-meta]").textContent = parts.join(" · ");
+      this.thumb.dataset.kind = (this.item && this.item.kind) || "";
     }
 
     setBadge(text, tone) {
@@ -218,6 +278,19 @@
     setCancelLabel(label) {
       this.cancelButton.textContent = label;
       this.cancelButton.setAttribute("aria-label", `${label} ${this.name}`);
+    }
+
+    setPauseLabel(label) {
+      this.pauseButton.hidden = !label;
+      if (!label) return;
+      this.pauseButton.textContent = label;
+      this.pauseButton.setAttribute("aria-label", `${label} ${this.name}`);
+    }
+
+    setRetry(shown, label = "Retry") {
+      this.retryButton.hidden = !shown;
+      this.retryButton.textContent = label;
+      this.retryButton.setAttribute("aria-label", `${label} ${this.name}`);
     }
 
     bar(role, value, text) {
@@ -242,13 +315,25 @@
       node.textContent = text || "";
     }
 
+    setThumb(url) {
+      const img = this.thumb.querySelector("img");
+      if (!url || img.getAttribute("src") === url) return;
+      img.decoding = "async";
+      img.src = url;
+      img.hidden = false;
+      this.thumb.hidden = false;
+    }
+
     claim(itemId) {
       // This card now stands for a server item: a row for the same item elsewhere gives way.
       if (!itemId || this.itemId === itemId) return;
       this.itemId = itemId;
       this.node.dataset.itemId = itemId;
       const other = cardsById.get(itemId);
-      if (other && other !== this) other.node.remove();
+      if (other && other !== this) {
+        other.clearResults();
+        other.node.remove();
+      }
       cardsById.set(itemId, this);
       library.updateEmpty();
       const state = known.get(itemId);
@@ -257,10 +342,44 @@
 
     // Upload side ------------------------------------------------------------------------------
 
-    startUpload(file) {
-      this.uploading = true;
+    sentSoFar() {
+      const bar = this.q('[data-bar="upload"]');
+      return Math.round((Number(bar.value) / 100) * this.size);
+    }
+
+    enqueue() {
+      this.phase = "queued";
+      this.setState("queued");
+      this.setBadge("Queued", "wait");
+      this.error("");
+      this.setPauseLabel("Pause");
+      this.setRetry(false);
+      this.setCancelLabel(this.itemId ? "Cancel" : "Remove");
+      queue.update();
+    }
+
+    showWaiting(position, heldSeconds) {
+      // Called by the queue for every waiting card: its place in line (and the server's wait;
+      // why the server asked to wait is said once, above the line).
+      const bar = this.q('[data-bar="upload"]');
+      const text = heldSeconds > 0
+        ? `Waiting for the server · trying again in ${heldSeconds} s · ${ordinal(position)} in line`
+        : `Waiting to send · ${ordinal(position)} in line`;
+      this.bar("upload", Number(bar.value) || 0, text);
+    }
+
+    send() {
+      this.phase = "sending";
       this.setState("uploading");
       this.setBadge("Uploading", "busy");
+      this.setPauseLabel("Pause");
+      this.setCancelLabel("Cancel");
+      if (this.upload) {
+        this.bar("upload", null, "Continuing…");
+        this.upload.start(); // resumes: tus asks the server for the offset first
+        return;
+      }
+      const file = this.file;
       this.bar("upload", 0, "Starting…");
       const samples = [];
       const upload = new tus.Upload(file, {
@@ -270,11 +389,14 @@
         metadata: { filename: file.name, filetype: file.type },
         headers: { "X-CSRFToken": csrfToken },
         removeFingerprintOnSuccess: true,
-        onUploadUrlAvailable: () => this.claim(itemIdFromUrl(upload.url)),
+        onUploadUrlAvailable: () => {
+          queue.sent();
+          this.claim(itemIdFromUrl(upload.url));
+        },
         onAfterResponse: (req, res) => {
-          if (req.getMethod() !== "HEAD" || res.getStatus() >= 300) return;
+          if (req.getMethod() !== "HEAD" || res.getStatus() >= 300 || this.resumedAt != null) return;
           const offset = Number.parseInt(res.getHeader("Upload-Offset"), 10);
-          if (offset > 0) {
+          if (offset > 0 && this.resumedFromEarlier) {
             this.resumedAt = offset;
             this.node.dataset.resumedOffset = String(offset);
             this.note(`Resumed at ${formatBytes(offset)} of ${formatBytes(file.size)}: `
@@ -296,27 +418,95 @@
           this.bar("upload", pct, parts.join(" · "));
         },
         onSuccess: () => this.uploaded(),
-        onError: (err) => this.uploadFailed(tusErrorMessage(err)),
+        onError: (err) => this.sendFailed(err),
       });
       this.upload = upload;
       upload.findPreviousUploads().then((previous) => {
+        if (this.phase !== "sending") return; // paused or removed while looking
         if (previous.length) {
           previous.sort((a, b) => new Date(b.creationTime) - new Date(a.creationTime));
           upload.resumeFromPreviousUpload(previous[0]);
-          unfinished.forget(previous[0].urlStorageKey);
+          this.resumedFromEarlier = true;
+          unfinished.resumed(previous[0].urlStorageKey, this.name);
           this.note("Looking up the part already uploaded…");
         }
         upload.start();
       });
     }
 
+    sendFailed(err) {
+      if (this.phase !== "sending") return;
+      const wait = serverSaysWait(err);
+      if (wait != null) {
+        // Not the file's fault: back in line, first to go once the server takes more.
+        const body = tusErrorBody(err);
+        queue.hold(wait, (body && body.message) || "The server is busy.", body && body.code);
+        this.enqueue();
+        queue.toFront(this);
+        return;
+      }
+      const message = tusErrorMessage(err);
+      const status = err && err.originalResponse ? err.originalResponse.getStatus() : 0;
+      this.setPauseLabel(null);
+      this.setCancelLabel(this.itemId ? "Delete" : "Remove");
+      if (status === 0 || status >= 500) {
+        // A lost connection (tus already retried): what is stored stays; the person may go on.
+        this.phase = "stopped";
+        this.setState("failed");
+        this.setBadge("Upload stopped", "bad");
+        this.error(`${message} Resume the upload to continue where it stopped.`);
+        this.setRetry(true, "Resume upload");
+        announce(`${this.name}: upload stopped. ${message}`);
+      } else {
+        // A refusal (not a file we accept, too large, over quota): sending again cannot help.
+        // If the server made the item Failed, its status (and reason) speaks from now on.
+        this.phase = "refused";
+        this.file = null;
+        this.setState("failed");
+        this.setBadge("Failed", "bad");
+        this.error(message);
+        this.setRetry(false);
+        announce(`${this.name}: upload refused. ${message}`);
+        const state = this.itemId ? known.get(this.itemId) : null;
+        if (state && state.status === "Failed") this.setItem(state);
+      }
+      queue.update();
+    }
+
+    togglePause() {
+      if (this.phase === "paused") {
+        this.note("");
+        this.enqueue();
+        announce(`${this.name}: back in line`);
+        return;
+      }
+      if (this.phase !== "queued" && this.phase !== "sending") return;
+      if (this.phase === "sending" && this.upload) this.upload.abort(false); // keeps what is stored
+      this.phase = "paused";
+      this.setState("paused");
+      this.setBadge("Paused", "wait");
+      this.setPauseLabel("Resume");
+      this.setCancelLabel(this.itemId ? "Cancel" : "Remove");
+      const sent = this.sentSoFar();
+      this.bar("upload", null, sent > 0 ? `Paused at ${formatBytes(sent)} of ${formatBytes(this.size)}` : "Paused");
+      announce(`${this.name}: paused`);
+      queue.update();
+    }
+
     uploaded() {
-      this.uploading = false;
+      this.phase = "uploaded";
+      this.file = null; // nothing more to send: let the browser drop it
+      this.setPauseLabel(null);
       this.bar("upload", 100, `Uploaded ${formatBytes(this.size)}`);
+      this.note(""); // "Resumed at …" was about the upload, which is done
       announce(`${this.name}: uploaded, waiting for processing`);
-      if (!this.item || this.item.status === "Pending") {
+      queue.update();
+      const state = this.itemId ? known.get(this.itemId) : null;
+      if (state && state.status !== "Pending") this.setItem(state);
+      else {
         this.setState("pending");
         this.setBadge("Pending", "wait");
+        this.setCancelLabel("Cancel");
         this.bar("process", 0, "Waiting to start…");
       }
       if (this.itemId) {
@@ -324,17 +514,8 @@
       }
     }
 
-    uploadFailed(message) {
-      this.uploading = false;
-      this.setState("failed");
-      this.setBadge("Failed", "bad");
-      this.error(message);
-      this.setCancelLabel(this.itemId ? "Delete" : "Remove");
-      this.retryButton.hidden = !this.itemId;
-      announce(`${this.name}: upload failed. ${message}`);
-    }
-
     refuse(message) {
+      this.phase = "refused";
       this.setState("refused");
       this.setBadge("Not sent", "bad");
       this.error(message);
@@ -348,12 +529,16 @@
       this.item = item;
       if (item.size) this.size = item.size;
       this.setMeta();
-      if (this.uploading) return; // the upload bar speaks until the last byte is in
+      if (this.inUpload) return; // the upload bar speaks until the last byte is in
       const status = item.status;
       this.setState(status.toLowerCase());
       this.setBadge(status, TONES[status]);
-      this.retryButton.hidden = status !== "Failed";
+      // Retry only where it can change the outcome: the server says so (a damaged file fails
+      // the same way every time; an upload that is gone cannot be processed again).
+      this.setRetry(status === "Failed" && item.retryable === true);
       this.setCancelLabel(status === "Completed" || status === "Failed" ? "Delete" : "Cancel");
+      // Past Pending the upload is history: one bar (processing) says where the file is.
+      if (this.session && status !== "Pending" && this.phase === "uploaded") this.hideBar("upload");
       if (status === "Failed") {
         this.error(item.error ? item.error.message : "Processing failed.");
         this.hideBar("process");
@@ -363,13 +548,11 @@
       if (status === "Pending") {
         const wait = item.queue_position ? `Waiting in queue · position ${item.queue_position}` : "Waiting to start…";
         if (item.queue_position || this.session) this.bar("process", 0, wait);
-        else this.note("Waiting for its upload to finish or for its turn.");
       } else if (status === "Processing") {
         const parts = [STAGES[item.stage] || item.stage || "Starting", `${item.progress}%`];
         if (item.eta_seconds != null) parts.push(`about ${formatDuration(item.eta_seconds)} left`);
         if (item.attempts > 1) parts.push(`attempt ${item.attempts}`);
         this.bar("process", item.progress, parts.join(" · "));
-        if (!this.resumedAt) this.note("");
       } else if (status === "Completed") {
         const took = item.started_at && item.finished_at
           ? ` in ${formatDuration((new Date(item.finished_at) - new Date(item.started_at)) / 1000)}` : "";
@@ -377,10 +560,25 @@
         if (!this.session) this.hideBar("process");
         this.showResults();
       }
+      if (status !== "Completed" && this.resultsShown) this.clearResults(); // reprocessing
       if (before !== status && before !== null) {
         const reason = status === "Failed" && item.error ? ` ${item.error.message}` : "";
         announce(`${this.name}: ${status}.${reason}`);
       }
+    }
+
+    async loadDetail() {
+      // Signed URLs last a while; a detail older than 5 minutes is asked for again.
+      if (this.detail && performance.now() - this.detailAt < 300000) return this.detail;
+      const r = await api("GET", `${config.urls.media}${this.itemId}`);
+      if (!r.ok) throw new Error(r.message);
+      this.detail = r.body;
+      this.detailAt = performance.now();
+      const outputs = {};
+      for (const out of r.body.outputs || []) outputs[out.role] = out;
+      const thumb = outputs.thumbnail || outputs.image_webp;
+      if (thumb) this.setThumb(thumb.url);
+      return r.body;
     }
 
     showResults() {
@@ -389,30 +587,34 @@
       const box = this.q("[data-results]");
       box.hidden = false;
       box.replaceChildren();
-      const load = async (into) => {
-        const r = await api("GET", `${config.urls.media}${this.itemId}`);
-        if (!r.ok) {
-          into.append(el("p", { class: "error", text: r.message }));
-          return;
-        }
-        renderResults(into, r.body, this);
-      };
-      if (this.session) {
-        load(box);
-        return;
-      }
-      // Earlier items open on demand: no player is made, and no URL signed, for a closed row.
-      const details = el("details", { class: "more" }, [el("summary", { text: "Show results" })]);
+      // A result opens on demand, in a bounded preview: no player is made, and no full-size
+      // picture decoded, for a card nobody opened.
+      const details = el("details", { class: "more" }, [el("summary", {
+        text: "Show result", "aria-label": `Show the result of ${this.name}`,
+      })]);
       const inner = el("div", { class: "results" });
       details.append(inner);
-      details.addEventListener("toggle", () => {
-        if (details.open && !inner.childElementCount) load(inner);
+      details.addEventListener("toggle", async () => {
+        this.node.classList.toggle("is-open", details.open);
+        if (!details.open || inner.childElementCount) return;
+        try {
+          renderResults(inner, await this.loadDetail(), this);
+        } catch (err) {
+          inner.append(el("p", { class: "error", text: err.message }));
+        }
       });
       box.append(details);
+      this.details = details;
+      // The thumbnail: at once for a file of this visit, when scrolled into view for the gallery.
+      if (this.session) this.loadDetail().catch(() => {});
+      else library.watch(this);
+      this.thumb.querySelector("img").alt = `Thumbnail of ${this.name}`;
     }
 
     clearResults() {
       this.resultsShown = false;
+      this.detail = null;
+      this.node.classList.remove("is-open");
       const box = this.q("[data-results]");
       for (const video of box.querySelectorAll("video")) if (video._player) video._player.reset();
       box.replaceChildren();
@@ -422,11 +624,18 @@
     // Actions ----------------------------------------------------------------------------------
 
     async retry() {
+      if (this.phase === "stopped") {
+        this.enqueue();
+        announce(`${this.name}: back in line`);
+        return;
+      }
       if (!this.itemId) return;
       this.retryButton.disabled = true;
       const r = await api("POST", `${config.urls.media}${this.itemId}/retry`);
       this.retryButton.disabled = false;
       if (!r.ok) {
+        // The server explains why not (the upload is gone, …): the button has done its part.
+        this.setRetry(false);
         this.error(r.message);
         announce(`${this.name}: ${r.message}`);
         return;
@@ -437,15 +646,19 @@
     }
 
     async cancel() {
+      const label = this.cancelButton.textContent;
       this.cancelButton.disabled = true;
-      if (this.upload && this.uploading) {
+      const wasUploading = this.inUpload;
+      this.phase = "removed";
+      queue.update();
+      if (this.upload && wasUploading) {
         // Terminates the tus upload (DELETE), which removes the item and its bytes.
         try { await this.upload.abort(true); } catch (err) { /* gone already */ }
-        this.uploading = false;
       } else if (this.itemId) {
         const r = await api("DELETE", `${config.urls.media}${this.itemId}`);
         if (!r.ok && r.status !== 404) {
           this.cancelButton.disabled = false;
+          this.phase = "server";
           this.error(r.message);
           return;
         }
@@ -453,13 +666,121 @@
       this.clearResults();
       this.node.remove();
       if (this.itemId) {
+        deleted.add(this.itemId);
         cardsById.delete(this.itemId);
         known.delete(this.itemId);
       }
-      announce(`${this.name}: ${this.cancelButton.textContent === "Delete" ? "deleted" : "cancelled"}`);
+      const done = { Delete: "deleted", Remove: "removed" }[label] || "cancelled";
+      announce(`${this.name}: ${done}`);
       library.updateEmpty();
+      if (this.itemId) queue.poke();
     }
   }
+
+  // --- the upload queue ------------------------------------------------------------------------
+
+  const queue = {
+    cards: [], // in the order files were added
+    holdUntil: 0,
+    holdText: "",
+    holdCode: "",
+    holds: 0, // "not now" answers in a row, for the backoff
+    timer: null,
+    box: document.getElementById("queue"),
+    summary: document.getElementById("queue-summary"),
+    held: document.getElementById("queue-held"),
+    pauseAll: document.getElementById("queue-pause"),
+    resumeAll: document.getElementById("queue-resume"),
+
+    add(card) {
+      this.cards.push(card);
+      card.enqueue();
+    },
+
+    toFront(card) {
+      this.cards.splice(this.cards.indexOf(card), 1);
+      this.cards.unshift(card);
+      this.update();
+    },
+
+    hold(ms, message, code) {
+      // Retry-After when the server gave one, else 2 s, 4 s, 8 s … (with a little jitter, so
+      // several tabs do not come back at the same instant).
+      this.holds += 1;
+      const backoff = Math.min(BACKOFF_FIRST_MS * 2 ** (this.holds - 1), BACKOFF_MAX_MS);
+      const wait = ms > 0 ? ms : backoff * (0.9 + Math.random() * 0.2);
+      const first = this.holdUntil <= Date.now();
+      this.holdUntil = Math.max(this.holdUntil, Date.now() + wait);
+      this.holdText = message;
+      this.holdCode = code || "";
+      if (first) announce(`The server asks to wait: ${message}`);
+    },
+
+    poke() {
+      // Something of this person's was deleted: if the server was waiting for one of their
+      // unfinished uploads to go, there may be room now, so try at once.
+      if (this.holdCode !== "too_many_uploads" || this.holdUntil <= Date.now()) return;
+      this.holdUntil = 0;
+      this.holds = 0;
+      this.update();
+    },
+
+    update() {
+      window.clearTimeout(this.timer);
+      this.timer = null;
+      this.cards = this.cards.filter((c) => c.phase !== "removed");
+      const sending = this.cards.filter((c) => c.phase === "sending").length;
+      const held = this.holdUntil - Date.now();
+      if (held > 0) {
+        this.timer = window.setTimeout(() => this.update(), Math.min(held, 1000));
+      } else {
+        this.holdUntil = 0;
+        let free = MAX_SENDING - sending;
+        for (const card of this.cards) {
+          if (free <= 0) break;
+          if (card.phase === "queued") { card.send(); free -= 1; }
+        }
+      }
+      this.render(held > 0 ? Math.ceil(held / 1000) : 0);
+    },
+
+    sent() {
+      // A create the server accepted: the next "not now" starts the backoff afresh.
+      this.holds = 0;
+    },
+
+    render(heldSeconds) {
+      let position = 0;
+      const count = { queued: 0, sending: 0, paused: 0, stopped: 0, uploaded: 0 };
+      for (const card of this.cards) {
+        if (card.phase in count) count[card.phase] += 1;
+        if (card.phase !== "queued") continue;
+        position += 1;
+        card.showWaiting(position, heldSeconds);
+      }
+      const unfinishedCount = count.queued + count.sending + count.paused + count.stopped;
+      this.box.hidden = this.cards.length < 2 && !count.paused;
+      const parts = [`${count.uploaded} of ${this.cards.length} sent`];
+      if (count.sending) parts.push(`${count.sending} sending`);
+      if (count.queued) parts.push(`${count.queued} waiting`);
+      if (count.paused) parts.push(`${count.paused} paused`);
+      if (count.stopped) parts.push(`${count.stopped} stopped`);
+      this.summary.textContent = `Uploads: ${parts.join(" · ")}`;
+      this.held.hidden = !(heldSeconds > 0 && count.queued);
+      this.held.textContent = heldSeconds > 0
+        ? `The server asked to wait: ${this.holdText} Trying again in ${heldSeconds} s.` : "";
+      this.pauseAll.hidden = !(count.queued + count.sending);
+      this.resumeAll.hidden = !count.paused;
+      this.box.dataset.active = String(unfinishedCount);
+    },
+  };
+
+  queue.pauseAll.addEventListener("click", () => {
+    for (const card of [...queue.cards]) if (card.phase === "queued" || card.phase === "sending") card.togglePause();
+  });
+  queue.resumeAll.addEventListener("click", () => {
+    for (const card of [...queue.cards]) if (card.phase === "paused") card.togglePause();
+  });
 
   // --- results ---------------------------------------------------------------------------------
 
@@ -468,11 +789,7 @@
     for (const out of detail.outputs || []) outputs[out.role] = out;
     const name = detail.file_name;
     const thumb = outputs.thumbnail || outputs.image_webp;
-    if (thumb) {
-      const img = card.q(".card-thumb");
-      img.src = thumb.url;
-      img.hidden = false;
-    }
+    if (thumb) card.setThumb(thumb.url);
     if (detail.kind === "video" && (outputs.manifest || outputs.video)) {
       box.append(videoPlayer(outputs, name));
     } else if (detail.kind === "audio" && outputs.audio) {
@@ -485,9 +802,10 @@
       const picture = el("picture", {}, [
         outputs.image_avif ? el("source", { type: "image/avif", srcset: outputs.image_avif.url }) : null,
         outputs.image_webp ? el("source", { type: "image/webp", srcset: outputs.image_webp.url }) : null,
+        // width/height give the box its shape before the bytes arrive; CSS bounds it.
         el("img", {
           src: fallback.url, alt: `Processed image: ${name}`, width: fallback.width, height: fallback.height,
-          decoding: "async",
+          decoding: "async", loading: "lazy",
         }),
       ]);
       box.append(el("figure", { class: "player" }, [picture, el("figcaption", {
@@ -566,12 +884,26 @@
     return dl;
   }
 
-  // --- the list of earlier items ---------------------------------------------------------------
+  // --- "Your media": a gallery of the earlier items ------------------------------------------
 
   const library = {
     loaded: false,
     next: null,
     oldest: null,
+    // Gallery thumbnails are asked for (one detail read each) only when a tile scrolls into view.
+    observer: "IntersectionObserver" in window ? new IntersectionObserver((entries) => {
+      for (const entry of entries) {
+        if (!entry.isIntersecting) continue;
+        library.observer.unobserve(entry.target);
+        const card = cardsById.get(entry.target.dataset.itemId);
+        if (card && card.resultsShown) card.loadDetail().catch(() => {});
+      }
+    }, { rootMargin: "200px" }) : null,
+
+    watch(card) {
+      if (this.observer) this.observer.observe(card.node);
+      else card.loadDetail().catch(() => {});
+    },
 
     fits(item) {
       // Only items inside the range the API has listed: older ones arrive with "Show more".
@@ -633,6 +965,7 @@
   }
 
   function applyItem(item) {
+    if (deleted.has(item.id)) return;
     const merged = remember(item);
     if (!merged) return;
     const card = cardsById.get(item.id);
@@ -680,7 +1013,8 @@
   const unfinished = {
     box: document.getElementById("unfinished"),
     list: document.getElementById("unfinished-list"),
-    rows: new Map(),
+    rows: new Map(), // urlStorageKey -> { row, entry, status }
+    expecting: null, // the entry whose "Resume…" opened the file chooser
 
     async show() {
       if (!tus.canStoreURLs) return;
@@ -702,20 +1036,34 @@
           offset = Number.parseInt(res.headers.get("Upload-Offset"), 10);
           if (offset >= entry.size) continue;
         } catch (err) { /* offline: still worth listing */ }
-        this.add(entry, offset);
+        if (!this.rows.has(entry.urlStorageKey)) this.add(entry, offset);
       }
     },
 
+    nameOf(entry) { return (entry.metadata && entry.metadata.filename) || "A file"; },
+
     add(entry, offset) {
-      const name = (entry.metadata && entry.metadata.filename) || "A file";
+      const name = this.nameOf(entry);
       const sent = offset != null ? `${formatBytes(offset)} of ${formatBytes(entry.size)} sent` : formatBytes(entry.size);
+      const resume = el("button", {
+        type: "button", class: "button", text: "Resume…", "aria-label": `Resume the upload of ${name}: pick the file again`,
+      });
       const discard = el("button", {
         type: "button", class: "button subtle", text: "Discard", "aria-label": `Discard the unfinished upload of ${name}`,
       });
+      const status = el("span", { class: "row-status", role: "status" });
       const row = el("li", { dataset: { key: entry.urlStorageKey } }, [
-        el("span", {}, [el("strong", { text: name }), ` — ${sent}`]),
-        discard,
+        el("span", { class: "row-what" }, [el("strong", { text: name }), ` — ${sent}`]),
+        status,
+        el("span", { class: "row-actions" }, [resume, discard]),
       ]);
+      resume.addEventListener("click", () => {
+        // The browser cannot reopen the file: the person picks it again, and its fingerprint
+        // (name, size, date, type) finds this upload.
+        this.expecting = entry;
+        status.textContent = `Pick ${name} (${formatBytes(entry.size)}) in the window that opens.`;
+        input.click();
+      });
       discard.addEventListener("click", async () => {
         discard.disabled = true;
         try {
@@ -727,15 +1075,38 @@
         tus.defaultOptions.urlStorage.removeUpload(entry.urlStorageKey);
         this.forget(entry.urlStorageKey);
         announce(`Discarded the unfinished upload of ${name}`);
+        queue.poke();
       });
-      this.rows.set(entry.urlStorageKey, row);
+      this.rows.set(entry.urlStorageKey, { row, entry, status });
       this.list.append(row);
       this.box.hidden = false;
     },
 
+    picked(files) {
+      // After "Resume…": say plainly whether the file picked is the one that was expected.
+      const entry = this.expecting;
+      this.expecting = null;
+      if (!entry || !this.rows.has(entry.urlStorageKey)) return;
+      const name = this.nameOf(entry);
+      const same = files.some((f) => f.name === name && f.size === entry.size);
+      if (!same) {
+        this.rows.get(entry.urlStorageKey).status.textContent = files.length
+          ? `That was not ${name} (${formatBytes(entry.size)}), so it was added as a new upload. `
+            + `Pick ${name} itself to continue this one.`
+          : "";
+      }
+    },
+
+    resumed(key, name) {
+      // A file picked again found its earlier upload: the card below goes on from there.
+      if (!this.rows.has(key)) return;
+      this.forget(key);
+      announce(`${name}: continuing the unfinished upload`);
+    },
+
     forget(key) {
-      const row = this.rows.get(key);
-      if (row) row.remove();
+      const found = this.rows.get(key);
+      if (found) found.row.remove();
       this.rows.delete(key);
       this.box.hidden = this.rows.size === 0;
     },
@@ -746,16 +1117,17 @@
   function addFiles(files) {
     const list = Array.from(files || []);
     for (const file of list) {
-      const card = new Card({ name: file.name, size: file.size, session: true });
-      uploadsList.prepend(card.node);
+      const card = new Card({ name: file.name, size: file.size, session: true, file });
+      uploadsList.append(card.node); // in line, in the order given
       const refusal = clientRefusal(file);
       if (refusal) {
         card.refuse(refusal);
         announce(`${file.name} was not sent: ${refusal}`);
       } else {
-        card.startUpload(file);
+        queue.add(card);
       }
     }
+    unfinished.picked(list);
     if (list.length > 1) announce(`${list.length} files added`);
     library.updateEmpty();
   }
@@ -791,8 +1163,8 @@
   }
 
   document.getElementById("limits-hint").textContent =
-    `Up to ${formatBytes(limits.max_bytes)} per file. Accepted: ${describeAccepted()}. `
-    + "Uploads continue after a reload: add the same file again.";
+    `Up to ${formatBytes(limits.max_bytes)} per file, any number of files at once (${MAX_SENDING} are sent at a time). `
+    + `Accepted: ${describeAccepted()}. Uploads continue after a reload: add the same file again.`;
 
   // --- start -----------------------------------------------------------------------------------
 
