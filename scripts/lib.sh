@@ -25,18 +25,22 @@ ensure_venv() {
     if ! "$py" -m venv --help >/dev/null 2>&1 || ! "$py" -c 'import ensurepip' 2>/dev/null; then
       apt_install python3-venv
     fi
-    log "creating virtualenv in .venv"
+    log "creating the virtualenv .venv ($("$py" --version 2>&1))"
     "$py" -m venv "$VENV"
   fi
   local stamp="$VENV/.requirements.sha"
   local want
   want=$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    log "installing Python requirements"
+    # A line per step and pip's own progress: a first install takes a minute or two, and a
+    # silent terminal for that long looks like a hang. (PIP_QUIET=-q quietens pip again.)
+    log "upgrading pip in .venv"
     # (grep drops pip's notes about this machine's extra index paths; errors still fail the step)
-    "$PY" -m pip install -q --upgrade pip 2> >(grep -v '^WARNING: Location' >&2)
-    "$PY" -m pip install -q -r "$ROOT/requirements-dev.txt" 2> >(grep -v '^WARNING: Location' >&2)
+    "$PY" -m pip install ${PIP_QUIET:-} --upgrade pip 2> >(grep -v '^WARNING: Location' >&2)
+    log "installing the Python requirements (requirements-dev.txt; the first time takes a minute or two)"
+    "$PY" -m pip install ${PIP_QUIET:-} -r "$ROOT/requirements-dev.txt" 2> >(grep -v '^WARNING: Location' >&2)
     echo "$want" >"$stamp"
+    log "Python requirements installed"
   fi
 }
 
