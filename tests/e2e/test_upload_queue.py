@@ -11,6 +11,7 @@ reach nothing but the site itself.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 import subprocess
@@ -30,7 +31,7 @@ from tests.e2e.test_graphiql import confine_to
 from tests.e2e.test_upload_page import card
 
 sync_api = pytest.importorskip("playwright.sync_api")
-expect = sync_api.expect
+expect, PlaywrightError = sync_api.expect, sync_api.Error
 pytestmark = pytest.mark.worker
 
 PHOTOS = 14
@@ -302,3 +303,44 @@ def test_the_queue_waits_as_retry_after_says_when_creates_are_rate_limited(
         assert later and later[0] - when >= int(wait) - 0.25, (answers, asked)
     log = server.log.read_bytes()
     assert b"Traceback" not in log and b"Exception in ASGI application" not in log
+
+
+def test_pausing_an_upload_keeps_what_was_sent_and_resume_goes_on_from_there(logged_in_page, shots, tmp_path, traffic):
+    page = logged_in_page
+    big = tmp_path / "long-take.jpg"  # a real JPEG padded to three 8 MB chunks
+    big.write_bytes(photo(tmp_path / "frame.jpg", 3).read_bytes().ljust(20 * 1024 * 1024, b"\0"))
+    chunk = 8 * 1024 * 1024
+    held: list[Any] = []
+    gate = {"passes": 1}
+
+    def hold(route: Any) -> None:
+        if route.request.method == "PATCH" and gate["passes"] is not None:
+            if gate["passes"] <= 0:
+                held.append(route)
+                return
+            gate["passes"] -= 1
+        route.continue_()
+
+    page.route("**/api/tus/**", hold)
+    page.set_input_files("#file-input", str(big))
+    upload = card(page, big.name)
+    wait_in_page(page, lambda: held, timeout=30, what="the second chunk")
+
+    upload.get_by_role("button", name=f"Pause {big.name}").click()
+    expect(upload.locator("[data-badge]")).to_have_text("Paused")
+    expect(upload.locator('[data-box="upload"] [data-text]')).to_have_text("Paused at 8.0 MB of 20.0 MB")
+    shots.take(page, "paused", full_page=False)
+    for route in held:
+        with contextlib.suppress(PlaywrightError):
+            route.abort()  # the chunk the pause cut off
+    held.clear()
+    gate["passes"] = None
+    paused_at = len(traffic.requests)
+
+    upload.get_by_role("button", name=f"Resume {big.name}").click()
+    expect(upload.locator("[data-badge]")).to_have_text("Completed", timeout=120_000)
+    after = [r for r in traffic.requests[paused_at:] if urlsplit(r.url).path.startswith("/api/tus/")]
+    assert [r.method for r in after][:2] == ["HEAD", "PATCH"], [r.method for r in after]
+    assert int(after[1].headers["upload-offset"]) == chunk  # went on from what was stored
+    assert not [r for r in after if r.method == "POST"]
+    assert traffic.errors == []
