@@ -6,10 +6,15 @@ production swaps in PostgreSQL, S3 and another broker by environment variables a
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.utils import get_random_secret_key
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
@@ -19,10 +24,78 @@ if (BASE_DIR / ".env").exists():
 DATA_DIR = Path(env.str("DATA_DIR", default=str(BASE_DIR / ".data"))).resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
-SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="dev-insecure-change-me-" + "x" * 20)
+# The key this project once shipped as its default: public, so anyone could sign our upload and
+# download URLs with it. Kept only to refuse it.
+PUBLISHED_DEV_SECRET_KEY = "dev-insecure-change-me-" + "x" * 20
+SECRET_KEY_FILE = DATA_DIR / "secret-key"
+
+
+def secret_key_from_file(path: Path) -> str:
+    """The deployment's own key, made on first start, so no key is ever shared through the source.
+
+    Every process on this machine (web, workers, beat, manage.py) reads the same file. The file
+    appears complete or not at all: it is written under a temporary name and hard-linked into
+    place, which fails if it exists, so of two processes starting at once one wins and the
+    other reads the winner's key. Mode 0600, like the admin password.
+    """
+    try:
+        return _read_secret_key(path)
+    except FileNotFoundError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # O_EXCL, mode 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(get_random_secret_key() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process won the race: its key is the one
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            raise ImproperlyConfigured(
+                f"Cannot keep a secret key in {path.parent} (no hard links on this file system): set DJANGO_SECRET_KEY."
+            ) from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return _read_secret_key(path)
+
+
+def _read_secret_key(path: Path) -> str:
+    key = path.read_text().strip()
+    if len(key) < 50:
+        raise ImproperlyConfigured(f"{path} holds no usable secret key; delete it and start again to make a new one.")
+    return key
+
+
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="") or secret_key_from_file(SECRET_KEY_FILE)
+if SECRET_KEY == PUBLISHED_DEV_SECRET_KEY and not DEBUG:
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY is the development key published in this project's source, so anyone could sign "
+        "URLs and sessions for this site: unset it (a random key is then kept in DATA_DIR) or set a secret one."
+    )
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+# --- HTTPS ------------------------------------------------------------------------------------
+# DJANGO_HTTPS=1 when a TLS proxy (nginx, a load balancer) fronts the site: cookies travel only
+# over TLS, browsers are told to use nothing else (HSTS), plain-http requests are redirected,
+# and the proxy's X-Forwarded-Proto says whether a request came in over TLS. The proxy must set
+# that header itself (overwriting any a client sent), or a client could claim TLS.
+HTTPS = env.bool("DJANGO_HTTPS", default=False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = SECURE_SSL_REDIRECT = HTTPS
+if HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    # Load balancers probe the health check over plain http; it must answer, not redirect.
+    # (SecurityMiddleware matches these against the path without its leading "/".)
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+# One year: what the browsers' preload lists require. Lower it (say 3600) while first trying HTTPS.
+SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=365 * 24 * 3600) if HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=True)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=True)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
