@@ -241,7 +241,7 @@ LOGGING = {
 }
 
 # --- API and uploads ------------------------------------------------------------------------
-INSTALLED_APPS += ["rest_framework", "rest_framework.authtoken", "drf_spectacular"]
+INSTALLED_APPS += ["rest_framework", "rest_framework.authtoken", "drf_spectacular", "drf_spectacular_sidecar"]
 
 REST_FRAMEWORK = {
     # Token first: an anonymous call then answers 401 with `WWW-Authenticate: Token`.
@@ -260,6 +260,14 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Upload media (presigned PUT or tus 1.0), watch it being processed, download the results.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI (/api/docs/) from our own static files: the site must work on a closed network.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # Swagger UI would otherwise send the schema to validator.swagger.io and show its badge.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
+    # Error answers, headers, tus, presigned PUT, downloads and links: see media_app/api/schema.py.
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "media_app.api.schema.postprocess"],
 }
 
 # Upload bodies never pass through `request.body`: the views read them in chunks from the
@@ -295,8 +303,10 @@ UPLOAD_ALLOWED_CONTENT_TYPES = env.list(
 # Per user: bytes held (uploaded or announced) and uploads started but not completed.
 UPLOAD_QUOTA_BYTES = env.int("UPLOAD_QUOTA_BYTES", default=50 * 1024**3)
 UPLOAD_MAX_UNFINISHED = env.int("UPLOAD_MAX_UNFINISHED", default=10)
-# Creates per user (DRF rate syntax: "30/minute", "500/day").
-UPLOAD_CREATE_RATE = env.str("UPLOAD_CREATE_RATE", default="30/minute")
+# Creates per user (DRF rate syntax: "600/minute", "500/day"). High enough for a whole camera roll
+# at once: the byte quota and the number of unfinished uploads are the real guards; this one
+# only stops a runaway client.
+UPLOAD_CREATE_RATE = env.str("UPLOAD_CREATE_RATE", default="600/minute")
 # Lifetime of a presigned upload URL, of a download URL, and of an idle tus upload.
 UPLOAD_URL_EXPIRY_SECONDS = env.int("UPLOAD_URL_EXPIRY_SECONDS", default=3600)
 DOWNLOAD_URL_EXPIRY_SECONDS = env.int("MEDIA_URL_EXPIRY_SECONDS", default=3600)

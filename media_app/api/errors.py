@@ -43,6 +43,7 @@ _DRF_CODES: list[tuple[type[exceptions.APIException], str, str]] = [
     (exceptions.NotFound, "not_found", "There is no such item."),
     (exceptions.MethodNotAllowed, "method_not_allowed", ""),
     (exceptions.UnsupportedMediaType, "unsupported_media_type", ""),
+    (exceptions.NotAcceptable, "not_acceptable", "This API answers in JSON; accept application/json."),
     (exceptions.ParseError, "invalid", "The request body is not valid JSON."),
     (exceptions.ValidationError, "invalid", ""),
 ]

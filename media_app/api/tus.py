@@ -11,7 +11,8 @@ Reference: https://tus.io/protocols/resumable-upload (1.0.0).
 from __future__ import annotations
 
 import base64
-import binascii
+import re
+import uuid
 from typing import Any
 
 from django.conf import settings
@@ -19,11 +20,13 @@ from django.urls import reverse
 from django.utils.http import http_date
 from drf_spectacular.utils import extend_schema
 from rest_framework import status
+from rest_framework.exceptions import NotFound
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from media_app.api.schema import TUS_EXTENSIONS, UPLOAD_METADATA_PATTERN
 from media_app.api.throttles import UploadCreateThrottle
 from media_app.api.views import content_length, item_for_user
 from media_app.models import MediaItem, MediaStatus
@@ -40,21 +43,19 @@ from media_app.uploads import (
 )
 
 TUS_VERSION = "1.0.0"
-TUS_EXTENSIONS = "creation,creation-with-upload,termination,expiration"
 CHUNK_CONTENT_TYPE = "application/offset+octet-stream"
+UPLOAD_METADATA = re.compile(UPLOAD_METADATA_PATTERN)
 
 
 def parse_metadata(header: str) -> dict[str, str]:
-    """``Upload-Metadata: key base64,key2 base64`` -> {key: text}."""
+    """``Upload-Metadata: key base64,key2 base64`` -> {key: text}; anything else is a 400."""
+    if not UPLOAD_METADATA.fullmatch(header.strip()):
+        raise UploadRefused("invalid", "Upload-Metadata must be comma-separated pairs of a key and a base64 value.")
     result: dict[str, str] = {}
     for pair in header.split(","):
         key, _, value = pair.strip().partition(" ")
-        if not key:
-            continue
-        try:
-            result[key] = base64.b64decode(value.strip(), validate=True).decode("utf-8", errors="replace")
-        except (binascii.Error, ValueError):
-            raise UploadRefused("invalid", f"The Upload-Metadata value of {key!r} is not base64.") from None
+        if key:
+            result[key] = base64.b64decode(value, validate=True).decode("utf-8", errors="replace")
     return result
 
 
@@ -135,6 +136,13 @@ class TusCreateApi(TusApi):
 
 
 class TusUploadApi(TusApi):
+    def options(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        try:
+            uuid.UUID(str(kwargs.get("item_id")))
+        except ValueError:
+            raise NotFound() from None  # not an upload URL at all (a real id answers 204, whoever owns it)
+        return super().options(request, *args, **kwargs)
+
     def head(self, request: Request, item_id: str) -> Response:
         item = _upload_for(request, item_id)
         if upload_is_open(item) and upload_offset(item) == item.size:

@@ -1,5 +1,5 @@
 from django.urls import path
-from drf_spectacular.views import SpectacularAPIView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from media_app.api import tus, views
 
@@ -15,4 +15,6 @@ urlpatterns = [
     path("tus/", tus.TusCreateApi.as_view(), name="tus"),
     path("tus/<str:item_id>", tus.TusUploadApi.as_view(), name="tus-upload"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    # Swagger UI over the schema, from our own static files (drf-spectacular-sidecar), no CDN.
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
 ]

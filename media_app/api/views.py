@@ -24,7 +24,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.urls import reverse
 from django.utils.http import content_disposition_header
 from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import PageNumberPagination
@@ -33,12 +34,13 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from media_app.api.errors import json_error
+from media_app.api.schema import COMMON, COMMON_WRITE, error_responses
 from media_app.api.serializers import (
-    ErrorOutput,
     MediaCreatedOutput,
     MediaCreateInput,
-    MediaItemOutput,
+    MediaItemDetailOutput,
     MediaListFilter,
+    MediaPageOutput,
 )
 from media_app.api.signing import (
     TokenRefused,
@@ -66,7 +68,6 @@ from media_app.uploads import (
 
 STREAM_CHUNK = 512 * 1024
 logger = logging.getLogger(__name__)
-ERRORS = {400: ErrorOutput, 401: ErrorOutput, 404: ErrorOutput, 409: ErrorOutput}
 
 
 def item_for_user(request: Request, item_id: Any) -> MediaItem:
@@ -121,20 +122,37 @@ class MediaListCreateApi(APIView):
         return [UploadCreateThrottle()] if self.request.method == "POST" else []
 
     @extend_schema(
-        parameters=[MediaListFilter, OpenApiParameter("page", int), OpenApiParameter("page_size", int)],
-        responses={200: MediaItemOutput(many=True)},
+        operation_id="media_list",
+        parameters=[MediaListFilter],
+        responses={
+            200: OpenApiResponse(MediaPageOutput, description="One page of items."),
+            **error_responses(400, *COMMON, _404="`not_found`: there is no such page (message `Invalid page.`)."),
+        },
+        description="Your items (every item, for staff), newest first, 20 a page unless `page_size` says.",
     )
     def get(self, request: Request) -> Response:
         filters = MediaListFilter(data=request.query_params)
         filters.is_valid(raise_exception=True)
-        items = media_items_for_user(user=request.user).filter(**filters.validated_data)
+        wanted = {k: v for k, v in filters.validated_data.items() if k in ("status", "kind")}
+        items = media_items_for_user(user=request.user).filter(**wanted)
         paginator = MediaPagination()
         page = paginator.paginate_queryset(items, request, view=self)
         return paginator.get_paginated_response([media_item_payload(i, with_outputs=False) for i in page or []])
 
     @extend_schema(
+        operation_id="media_create",
         request=MediaCreateInput,
-        responses={201: MediaCreatedOutput, 413: ErrorOutput, 429: ErrorOutput, **ERRORS},
+        responses={
+            201: OpenApiResponse(MediaCreatedOutput, description="Created (Pending); send the bytes as `upload` says."),
+            **error_responses(
+                400,
+                *COMMON_WRITE,
+                413,
+                429,
+                _415="`unsupported_media_type`: send JSON; `unsupported_type`: a name or declared type "
+                "that is never accepted.",
+            ),
+        },
         description="Create an item awaiting its bytes; answers where to send them (presigned PUT or tus).",
     )
     def post(self, request: Request) -> Response:
@@ -151,26 +169,72 @@ class MediaListCreateApi(APIView):
         return Response(body, status=status.HTTP_201_CREATED, headers={"Location": location})
 
 
+ITEM_ID = OpenApiParameter("item_id", OpenApiTypes.UUID, OpenApiParameter.PATH)
+
+
 class MediaDetailApi(APIView):
-    @extend_schema(responses={200: MediaItemOutput, **ERRORS})
+    @extend_schema(
+        operation_id="media_get",
+        parameters=[ITEM_ID],
+        responses={
+            200: OpenApiResponse(MediaItemDetailOutput, description="The item."),
+            **error_responses(*COMMON, 404),
+        },
+        description="One item: its state, its outputs with signed download URLs once Completed, "
+        "and where its upload stands while it is open.",
+    )
     def get(self, request: Request, item_id: str) -> Response:
         return Response(item_detail(request, item_for_user(request, item_id)))
 
-    @extend_schema(responses={204: None, **ERRORS})
+    @extend_schema(
+        operation_id="media_delete",
+        parameters=[ITEM_ID],
+        responses={204: OpenApiResponse(description="Removed."), **error_responses(*COMMON_WRITE, 404, 423)},
+        description="Cancel processing and remove the item and every file of it.",
+    )
     def delete(self, request: Request, item_id: str) -> Response:
         upload_delete(item=item_for_user(request, item_id))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class MediaCompleteApi(APIView):
-    @extend_schema(request=None, responses={202: MediaItemOutput, 415: ErrorOutput, **ERRORS})
+    @extend_schema(
+        operation_id="media_complete",
+        parameters=[ITEM_ID],
+        request=None,
+        responses={
+            202: OpenApiResponse(MediaItemDetailOutput, description="Queued (or already queued): the item."),
+            **error_responses(
+                *COMMON_WRITE,
+                404,
+                423,
+                _400="`size_mismatch`: the bytes stored are not the size declared.",
+                _409="`not_uploaded`: the bytes have not all arrived; `upload_failed`: the upload was refused.",
+                _415="`unsupported_type`: the content is not a type we accept (sniffed from the bytes).",
+            ),
+        },
+        description="Every byte is in: check the content and queue processing (once, however often it is called).",
+    )
     def post(self, request: Request, item_id: str) -> Response:
         item = upload_complete(item=item_for_user(request, item_id))
         return Response(item_detail(request, item), status=status.HTTP_202_ACCEPTED)
 
 
 class MediaRetryApi(APIView):
-    @extend_schema(request=None, responses={202: MediaItemOutput, **ERRORS})
+    @extend_schema(
+        operation_id="media_retry",
+        parameters=[ITEM_ID],
+        request=None,
+        responses={
+            202: OpenApiResponse(MediaItemDetailOutput, description="Queued (or already queued): the item."),
+            **error_responses(
+                *COMMON_WRITE,
+                404,
+                _409="`not_failed`: only Failed items are retried; `source_missing`: the upload is gone.",
+            ),
+        },
+        description="Queue a Failed item again, from the stage that failed.",
+    )
     def post(self, request: Request, item_id: str) -> Response:
         item = upload_retry(item=item_for_user(request, item_id))
         return Response(item_detail(request, item), status=status.HTTP_202_ACCEPTED)
@@ -179,11 +243,18 @@ class MediaRetryApi(APIView):
 # --- token URLs -------------------------------------------------------------------------------
 
 
+def not_allowed(message: str, allow: str) -> HttpResponse:
+    """405 with the ``Allow`` header HTTP requires, as DRF's views send it."""
+    response = json_error("method_not_allowed", message, 405)
+    response["Allow"] = allow
+    return response
+
+
 @csrf_exempt
 def upload_put(request: HttpRequest, token: str) -> HttpResponse:
     """Our presigned PUT: the body streams to a staging file, then into storage."""
     if request.method != "PUT":
-        return json_error("method_not_allowed", "Send the file's bytes with PUT.", 405)
+        return not_allowed("Send the file's bytes with PUT.", "PUT")
     try:
         grant = upload_token_read(token)
     except TokenRefused as exc:
@@ -198,10 +269,11 @@ def upload_put(request: HttpRequest, token: str) -> HttpResponse:
     return JsonResponse({"id": str(item.pk), "size": item.size, "stored": True})
 
 
+@csrf_exempt  # no cookie is its credential; exempt, so any other method gets its 405
 def file_download(request: HttpRequest, token: str) -> HttpResponse:
     """Serve one stored output named by a signed token, with single-range support."""
     if request.method not in ("GET", "HEAD"):
-        return json_error("method_not_allowed", "Use GET.", 405)
+        return not_allowed("Use GET (or HEAD).", "GET, HEAD")
     try:
         grant = download_token_read(token)
     except TokenRefused as exc:
@@ -358,10 +430,11 @@ def segment_load(key: str, version: str) -> tuple[bytes | None, IO[bytes] | None
     return data, None, False
 
 
+@csrf_exempt  # as file_download
 def dash_file(request: HttpRequest, token: str, name: str) -> HttpResponse:
     """Serve a DASH manifest or segment from a folder granted by a signed token, with Range."""
     if request.method not in ("GET", "HEAD"):
-        return json_error("method_not_allowed", "Use GET.", 405)
+        return not_allowed("Use GET (or HEAD).", "GET, HEAD")
     try:
         grant = dash_token_read(token)
     except TokenRefused as exc:
