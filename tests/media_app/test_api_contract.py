@@ -324,7 +324,7 @@ def test_schemathesis_finds_the_server_true_to_its_schema(fuzz_server, make_user
             "--report-dir",
             str(report),
         ],
-        cwd=ROOT,
+        cwd=tmp_path,  # where schemathesis and hypothesis keep their caches
         env={**os.environ, "PYTHONPATH": str(ROOT), "SCHEMATHESIS_HOOKS": "tests.media_app.schemathesis_hooks"},
         capture_output=True,
         text=True,
