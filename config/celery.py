@@ -9,6 +9,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
+from media_app.jobs import Queue as MediaQueue
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 app = Celery("cpc_media")
@@ -43,10 +45,10 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT},
     result_backend_transport_options={"visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT},
     broker_connection_retry_on_startup=True,
-    task_default_queue="default",
+    task_default_queue=str(MediaQueue.DEFAULT),
     # Video encodes use both cores: they get their own queue, served one at a time, so images
     # and audio never wait behind a long encode.
-    task_queues=(Queue("default"), Queue("video")),
+    task_queues=tuple(Queue(str(q)) for q in MediaQueue),
     worker_send_task_events=True,
     task_send_sent_event=True,
     beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler",

@@ -45,6 +45,11 @@ class MediaItem(models.Model):
     attempts = models.PositiveIntegerField(default=0, help_text="Deliveries of the current stage.")
     # Each broadcast carries the next number, so a watcher can tell a gap or a duplicate.
     event_seq = models.BigIntegerField(default=0)
+    # The moment the last byte was stored and checked: from then on no byte may arrive.
+    upload_finished_at = models.DateTimeField(null=True, blank=True)
+    # When the current run was queued (None while the upload is open and after a reset).
+    queued_at = models.DateTimeField(null=True, blank=True)
+    # Only for revoking: the task that runs (or was last sent for) this item right now.
     task_id = models.CharField(max_length=64, blank=True)
     duration = models.FloatField(null=True, blank=True, help_text="Seconds of audio/video in the source.")
     # Seconds left as estimated at ``updated_at`` from the encode speed measured so far.
@@ -70,6 +75,16 @@ class MediaItem(models.Model):
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def upload_open(self) -> bool:
+        """Bytes may still arrive: Pending and the upload not yet finished."""
+        return self.status == MediaStatus.PENDING and self.upload_finished_at is None
+
+    @property
+    def is_queued(self) -> bool:
+        """Waiting in a queue for its first stage to start."""
+        return self.status == MediaStatus.PENDING and self.queued_at is not None
 
 
 class Rendition(models.Model):

@@ -1,8 +1,8 @@
 """Operations: what admins and periodic jobs do to items, and the small task-manager API.
 
-Every action here is a conditional change made under a row lock, so two clicks, two admins or
-an admin and the watchdog racing on one item change it once. Work is started only by task name
-(``media.process``) after the transaction commits, like ``media_processing_start``.
+Each action checks what it can say to an admin under the row lock, then asks
+``media_app.lifecycle`` for the transition, which applies once however many clicks, admins or
+watchdogs race on one item.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,15 +25,10 @@ from django.core.management.color import no_style
 from django.db import connection, transaction
 from django.utils import timezone
 
+from media_app import lifecycle
+from media_app.jobs import Queue
 from media_app.models import MediaItem, MediaStatus, Rendition, StatusEvent
-from media_app.services import (
-    PROCESS_TASK,
-    ErrorReport,
-    media_processing_start,
-    media_run_reset,
-    media_status_report,
-    storage_delete_tree,
-)
+from media_app.services import media_item_remove_files
 
 if TYPE_CHECKING:
     from django_celery_beat.models import PeriodicTask
@@ -94,12 +88,10 @@ def media_retry(*, item_id: Any) -> MediaItem:
     with transaction.atomic():
         item = _locked(item_id)
         if item.status != MediaStatus.FAILED:
-            queued = item.status == MediaStatus.PENDING and item.task_id
-            raise OpsRefused("already queued" if queued else f"not failed ({item.status})")
+            raise OpsRefused("already queued" if item.is_queued else f"not failed ({item.status})")
         _require_source(item)
-        media_run_reset(item_id=item.pk, message="Retry requested by an administrator")
-        item.refresh_from_db()
-        media_processing_start(item=item)
+        if not lifecycle.retried(item_id=item.pk, message="Retry requested by an administrator"):
+            raise OpsRefused("already queued")  # pragma: no cover - the row lock above decides
     logger.info("retry queued item=%s", item_id)
     item.refresh_from_db()
     return item
@@ -112,12 +104,8 @@ def media_reprocess(*, item_id: Any) -> MediaItem:
         if not item.is_final:
             raise OpsRefused(f"not finished ({item.status})")
         _require_source(item)
-        _remove_outputs(item)
-        media_run_reset(
-            item_id=item.pk, message="Reprocess from scratch requested by an administrator", from_scratch=True
-        )
-        item.refresh_from_db()
-        media_processing_start(item=item)
+        media_item_remove_files(item, source=False)
+        lifecycle.reprocessed(item_id=item.pk, message="Reprocess from scratch requested by an administrator")
     logger.info("reprocess queued item=%s", item_id)
     item.refresh_from_db()
     return item
@@ -130,113 +118,10 @@ def media_cancel(*, item_id: Any, message: str = "Cancelled by an administrator.
     cancel check (once a second) and stops its ffmpeg itself; later links of the chain see a
     final item and do nothing.
     """
-    with transaction.atomic():
-        item = _locked(item_id)
-        if item.is_final:
-            raise OpsRefused(f"already finished ({item.status})")
-        task_id = item.task_id
-        media_status_report(
-            item_id=item.pk,
-            status=MediaStatus.FAILED,
-            error=ErrorReport("cancelled", message),
-            message=message,
-        )
-        if task_id:
-            transaction.on_commit(lambda: task_revoke(task_id=task_id))
-    logger.info("cancelled item=%s task=%s", item_id, task_id)
+    if not lifecycle.cancelled(item_id=item_id, message=message):
+        item = MediaItem.objects.filter(pk=item_id).first()
+        raise OpsRefused("deleted meanwhile" if item is None else f"already finished ({item.status})")
     return MediaItem.objects.get(pk=item_id)
-
-
-def task_revoke(*, task_id: str, terminate: bool = True) -> None:
-    """Revoke a task; if it runs, SIGKILL its pool process (its ffmpeg dies with it: PDEATHSIG).
-
-    SIGKILL rather than SIGTERM: a hung process may not act on SIGTERM, and Celery acknowledges a
-    task it terminated on revoke, so it is not redelivered.
-    """
-    from celery import current_app
-
-    try:
-        current_app.control.revoke(task_id, terminate=terminate, signal="SIGKILL")
-    except Exception:  # a broker hiccup must not undo the saved state
-        logger.warning("revoke failed task=%s", task_id, exc_info=True)
-
-
-def _remove_outputs(item: MediaItem) -> None:
-    keys = set(item.renditions.values_list("storage_key", flat=True))
-    for key in keys:
-        default_storage.delete(key)
-    storage_delete_tree(f"outputs/{item.pk}")
-    Rendition.objects.filter(item=item).delete()
-    # Stage work files, when this machine sees them (WORK_ROOT is shared between workers).
-    shutil.rmtree(Path(settings.WORK_ROOT) / str(item.pk), ignore_errors=True)
-
-
-# --- watchdog actions ----------------------------------------------------------------------------
-
-
-def media_requeue_stalled(
-    *,
-    item_id: Any,
-    seen_updated_at: datetime,
-    reason: str,
-    kill: Iterable[str] = (),
-    send: Callable[[MediaItem, str], None] | None = None,
-) -> str:
-    """Queue a stalled or lost item again, or fail it ``stalled`` once its stage had every attempt.
-
-    ``seen_updated_at`` is what the watchdog judged: if the item moved since, it is not stalled
-    and nothing happens ("moved"). Otherwise the ``kill`` tasks (a hung stage) are revoked and
-    SIGKILLed first, then ``send(item, task_id)`` queues the work again after commit (by default
-    ``media.process``: a new chain that skips finished stages; the watchdog resumes the chain at
-    the stalled stage instead, so that stage counts one more delivery). Returns requeued, failed
-    or moved.
-    """
-    kill = tuple(kill)
-    with transaction.atomic():
-        item = MediaItem.objects.select_for_update().filter(pk=item_id).first()
-        if item is None or item.is_final or item.updated_at != seen_updated_at:
-            return "moved"
-        if item.status == MediaStatus.PROCESSING and item.attempts >= settings.MEDIA_MAX_ATTEMPTS:
-            media_status_report(
-                item_id=item.pk,
-                status=MediaStatus.FAILED,
-                error=ErrorReport(
-                    "stalled",
-                    "Processing stopped making progress and was given up after several attempts.",
-                    f"watchdog: {reason}; stage {item.stage} had {item.attempts} attempts",
-                ),
-            )
-            transaction.on_commit(lambda: _kill(kill))
-            logger.warning("watchdog failed item=%s stage=%s: %s", item_id, item.stage, reason)
-            return "failed"
-        task_id = str(uuid.uuid4())
-        media_status_report(
-            item_id=item.pk,
-            extra={"task_id": task_id},
-            message=f"Watchdog: {reason}; queued again",
-            record=True,
-        )
-        resend = send or (lambda it, tid: _send_process(it.pk, tid))
-        item.refresh_from_db()
-
-        def after_commit() -> None:
-            _kill(kill)  # the hung copy first, then the new one
-            resend(item, task_id)
-
-        transaction.on_commit(after_commit)
-    logger.warning("watchdog requeued item=%s stage=%s: %s", item_id, item.stage, reason)
-    return "requeued"
-
-
-def _kill(task_ids: Iterable[str]) -> None:
-    for task_id in task_ids:
-        task_revoke(task_id=task_id)
-
-
-def _send_process(item_id: Any, task_id: str) -> None:
-    from celery import current_app
-
-    current_app.send_task(PROCESS_TASK, args=[str(item_id)], task_id=task_id, queue="default")
 
 
 # --- task-manager API ----------------------------------------------------------------------------
@@ -263,13 +148,16 @@ def create_processing_task(media_id: Any, title: str, description: str = "") -> 
             media_retry(item_id=item.pk)
         elif item.status == MediaStatus.COMPLETED:
             media_reprocess(item_id=item.pk)
-        elif item.status == MediaStatus.PENDING and not item.task_id:
+        elif item.status == MediaStatus.PENDING and item.queued_at is None:
             _require_source(item)
-            media_processing_start(item=item)
+            if item.upload_finished_at is None:
+                lifecycle.finish_upload_and_queue(item_id=item.pk)
+            else:
+                lifecycle.queued(item_id=item.pk)
         else:
             raise OpsRefused("already queued or processing")
         note = f"Task: {title}" + (f" - {description}" if description else "")
-        media_status_report(item_id=item.pk, message=note, record=True)
+        lifecycle.noted(item_id=item.pk, message=note)
         item.refresh_from_db()
     return ProcessingTask(str(item.task_id), str(item.pk), title, description, item.status)
 
@@ -289,7 +177,7 @@ def schedule_recurring_job(
     day_of_month: int = 1,
     args: list[Any] | None = None,
     kwargs: dict[str, Any] | None = None,
-    queue: str = "default",
+    queue: str = Queue.DEFAULT,
     enabled: bool = True,
 ) -> PeriodicTask:
     """Create or update the django-celery-beat job ``name``: every ``interval`` days, weeks or months.

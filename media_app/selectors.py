@@ -9,6 +9,9 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from media_app.models import MediaItem, MediaKind, MediaStatus, Rendition
+from pipelines.errors import file_error_codes
+
+_FILE_ERRORS = file_error_codes()
 
 
 def media_item_get(*, item_id: Any) -> MediaItem | None:
@@ -45,6 +48,7 @@ def media_item_payload(item: MediaItem, *, with_outputs: bool = True) -> dict[st
         "progress": item.progress,
         "attempts": item.attempts,
         "error": {"code": item.error_code, "message": item.error_message} if item.error_code else None,
+        "retryable": media_item_retryable(item),
         "queue_position": media_item_queue_position(item),
         "eta_seconds": media_item_eta_seconds(item),
         "size": item.size,
@@ -66,9 +70,15 @@ def rendition_local_path(rendition: Rendition) -> str | None:
         return None
 
 
+def media_item_retryable(item: MediaItem) -> bool:
+    """Whether Retry can change the outcome: Failed, its upload still there, and not for a fault
+    of the file itself (a damaged JPEG fails the same way every time)."""
+    return item.status == MediaStatus.FAILED and bool(item.source_key) and item.error_code not in _FILE_ERRORS
+
+
 def media_item_queue_position(item: MediaItem) -> int | None:
     """1 for the next item its queue will take; None unless the item waits in a queue."""
-    if item.status != MediaStatus.PENDING or not item.task_id:
+    if not item.is_queued or item.queued_at is None:
         return None
     # Videos have a queue of their own (one encode at a time); everything else shares one.
     same_queue = (
@@ -76,7 +86,7 @@ def media_item_queue_position(item: MediaItem) -> int | None:
         if item.kind == MediaKind.VIDEO
         else MediaItem.objects.exclude(kind=MediaKind.VIDEO)
     )
-    ahead = same_queue.filter(status=MediaStatus.PENDING, created_at__lt=item.created_at).exclude(task_id="")
+    ahead = same_queue.filter(status=MediaStatus.PENDING, queued_at__lt=item.queued_at)
     return ahead.count() + 1
 
 

@@ -14,7 +14,6 @@ interleave bytes of the same upload: the second is refused, not queued.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import unicodedata
 import uuid
@@ -32,17 +31,15 @@ from django.core.files import File
 from django.core.files.storage import default_storage
 from django.db import transaction
 from django.db.models import Sum
+from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
+from media_app import lifecycle
+from media_app.lifecycle import ErrorReport
 from media_app.models import MediaItem, MediaStatus
-from media_app.services import (
-    ErrorReport,
-    media_processing_start,
-    media_run_reset,
-    media_status_report,
-    storage_delete_tree,
-)
+from media_app.services import media_item_remove_files, media_processing_start
 from pipelines.errors import InvalidInput, MediaError, UnsupportedCodec
+from pipelines.results import to_json
 from pipelines.sniff import Sniffed, sniff_bytes
 
 logger = logging.getLogger("media_app.uploads")
@@ -81,7 +78,7 @@ def clean_file_name(name: str, *, limit: int = NAME_LIMIT) -> str:
 
 def upload_is_open(item: MediaItem) -> bool:
     """Bytes may still arrive: Pending and not yet completed."""
-    return item.status == MediaStatus.PENDING and not item.task_id
+    return item.upload_open
 
 
 def upload_expires_at(item: MediaItem) -> datetime:
@@ -138,7 +135,9 @@ def upload_create(*, owner: Any, file_name: str, size: int, content_type: str = 
         get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
         mine = MediaItem.objects.filter(owner=owner)
         active_since = timezone.now() - timedelta(seconds=settings.UPLOAD_EXPIRY_SECONDS)
-        unfinished = mine.filter(status=MediaStatus.PENDING, task_id="", updated_at__gt=active_since).count()
+        unfinished = mine.filter(
+            status=MediaStatus.PENDING, upload_finished_at__isnull=True, updated_at__gt=active_since
+        ).count()
         if unfinished >= settings.UPLOAD_MAX_UNFINISHED:
             raise UploadRefused(
                 "too_many_uploads",
@@ -325,7 +324,10 @@ def _complete(item: MediaItem) -> MediaItem:
         # The bytes settle the kind of an image; audio/video is settled by the worker's probe
         # (the web process never runs a decoder), which also measures duration.
         queued = media_processing_start(
-            item=item, kind="image" if sniffed.kind == "image" else "", content_type=sniffed.mime
+            item=item,
+            kind="image" if sniffed.kind == "image" else "",
+            content_type=sniffed.mime,
+            info={"sniffed": to_json(sniffed)},
         )
     logger.info("upload completed item=%s type=%s queued=%s", item.pk, sniffed.mime, queued)
     item.refresh_from_db()
@@ -348,12 +350,11 @@ def _refuse(item: MediaItem, exc: MediaError) -> NoReturn:
     staging_path(item.pk).unlink(missing_ok=True)
     if item.source_key and default_storage.exists(item.source_key):
         default_storage.delete(item.source_key)
-    media_status_report(
+    lifecycle.failed(
         item_id=item.pk,
-        status=MediaStatus.FAILED,
         error=ErrorReport(exc.code, exc.message),
         message=f"Upload refused: {exc.message}",
-        extra={"source_key": ""},
+        source_gone=True,
     )
     logger.info("upload refused item=%s code=%s", item.pk, exc.code)
     raise UploadRefused("unsupported_type", exc.message)
@@ -376,17 +377,11 @@ def upload_delete(*, item: MediaItem) -> None:
     """Cancel processing, remove every stored byte of the item, then the item itself."""
     with _upload_lock(item.pk):
         item.refresh_from_db()
-        if not item.is_final:
-            # Watchers see the end; a running stage sees Failed at its next cancel check.
-            media_status_report(
-                item_id=item.pk,
-                status=MediaStatus.FAILED,
-                error=ErrorReport("cancelled", "The upload was deleted."),
-                message="Cancelled: deleted by its owner",
-            )
-        if item.task_id:
-            _revoke(item.task_id)
-        _remove_files(item)
+        # Watchers see the end; the running task is killed after commit, and a stage that
+        # escapes the kill sees Failed at its next cancel check.
+        lifecycle.cancelled(item_id=item.pk, message="The upload was deleted.")
+        staging_path(item.pk).unlink(missing_ok=True)
+        media_item_remove_files(item, source=True)
         MediaItem.objects.filter(pk=item.pk).delete()
     logger.info("upload deleted item=%s", item.pk)
 
@@ -400,9 +395,9 @@ def upload_retry(*, item: MediaItem) -> MediaItem:
         raise UploadRefused(
             "source_missing", "The uploaded file is gone, so there is nothing to retry; upload it again."
         )
-    media_run_reset(item_id=item.pk, message="Retry requested")
-    with transaction.atomic():
-        media_processing_start(item=item)
+    if not lifecycle.retried(item_id=item.pk, message="Retry requested"):
+        item.refresh_from_db()
+        raise UploadRefused("not_failed", f"Only failed items can be retried; this one is {item.status}.")
     logger.info("retry queued item=%s", item.pk)
     item.refresh_from_db()
     return item
@@ -413,7 +408,8 @@ def uploads_expire(*, now: datetime | None = None) -> int:
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.UPLOAD_EXPIRY_SECONDS)
     removed = 0
-    for item in MediaItem.objects.filter(status=MediaStatus.PENDING, task_id="", updated_at__lte=cutoff):
+    abandoned = MediaItem.objects.filter(status=MediaStatus.PENDING, upload_finished_at__isnull=True)
+    for item in abandoned.filter(updated_at__lte=cutoff):
         try:
             upload_delete(item=item)
             removed += 1
@@ -427,27 +423,6 @@ def uploads_expire(*, now: datetime | None = None) -> int:
     if removed:
         logger.info("expired uploads removed=%d", removed)
     return removed
-
-
-def _remove_files(item: MediaItem) -> None:
-    staging_path(item.pk).unlink(missing_ok=True)
-    keys = {item.source_key, *item.renditions.values_list("storage_key", flat=True)} - {""}
-    for key in keys:
-        default_storage.delete(key)
-    for prefix in (f"uploads/{item.pk}", f"outputs/{item.pk}"):
-        storage_delete_tree(prefix)
-    # Stage work files of this item, when this machine can see them (see WORK_ROOT).
-    shutil.rmtree(Path(settings.WORK_ROOT) / str(item.pk), ignore_errors=True)
-
-
-def _revoke(task_id: str) -> None:
-    from celery import current_app
-
-    try:
-        current_app.control.revoke(task_id, terminate=True)
-    except Exception:
-        # A broker hiccup must not keep the files; a running stage also stops on seeing Failed.
-        logger.warning("revoke failed task=%s", task_id, exc_info=True)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -487,11 +462,5 @@ def _upload_lock(item_id: Any, *, wait: float = 0) -> Iterator[Any]:
 
 
 def _human(size: int) -> str:
-    if size < 1024:
-        return f"{size} bytes"
-    value, unit = float(size), "bytes"
-    for unit in ("KB", "MB", "GB", "TB"):  # noqa: B007 - the unit reached is the one printed
-        value /= 1024
-        if value < 1024:
-            break
-    return f"{value:.1f} {unit}".replace(".0 ", " ")
+    """1.5 GB, 300 MB: Django's own wording, with a plain space."""
+    return str(filesizeformat(size)).replace("\xa0", " ")

@@ -25,6 +25,7 @@ from typing import Literal
 
 import ffmpeg
 
+from pipelines.detect import Detected
 from pipelines.errors import InvalidInput, MediaError, TooLarge, UnsupportedCodec
 from pipelines.probe import MediaInfo, StreamInfo, check_limits, codec_allowed, probe
 from pipelines.profiles import Limits, Profiles
@@ -166,21 +167,25 @@ class PreviewResult:
 # --- demux -----------------------------------------------------------------------------------
 
 
-def demux(src: Path, out_dir: Path, *, limits: Limits) -> DemuxResult:
+def demux(src: Path, out_dir: Path, *, limits: Limits, detected: Detected | None = None) -> DemuxResult:
     """Check what the upload is, then copy its first video and audio stream into Matroska.
 
     Copying costs almost nothing and leaves later stages a file whose demuxer we choose,
     without subtitles, data streams, attachments, chapters or metadata (GPS tags included).
+    ``detected``: the sniff and probe made when the item was queued, so they are not repeated.
     """
     with _timed("demux", src=src.name):
         size = src.stat().st_size
         if size > limits.max_file_bytes:
             most = limits.max_file_bytes / 1e9
             raise TooLarge(f"The file is {size / 1e9:.1f} GB; we accept at most {most:.1f} GB.")
-        sniffed = sniff(src)
+        sniffed = detected.sniffed if detected and detected.sniffed else sniff(src)
         if sniffed.kind == "image" or not sniffed.ffmpeg_format:
             raise InvalidInput("The file is an image, not a video or audio file.")
-        info = probe(src, limits=limits, ffmpeg_format=sniffed.ffmpeg_format)
+        if detected is not None and detected.info is not None:
+            info = detected.info
+        else:
+            info = probe(src, limits=limits, ffmpeg_format=sniffed.ffmpeg_format)
         video, audio = info.video, info.audio
         if video is not None:
             kind: AvKind = "video"

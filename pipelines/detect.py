@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import InvalidInput
-from pipelines.probe import check_limits, probe
+from pipelines.probe import MediaInfo, check_limits, probe
 from pipelines.profiles import Limits
 from pipelines.results import to_json
-from pipelines.sniff import Kind, sniff
+from pipelines.sniff import Kind, Sniffed, sniff
 
 
 @dataclass(frozen=True)
@@ -24,12 +24,16 @@ class Detected:
     mime: str
     duration: float | None
     summary: dict[str, Any]
+    # What later stages need so that they neither sniff nor probe the upload again.
+    sniffed: Sniffed | None = None
+    info: MediaInfo | None = None
 
 
-def detect(path: Path, *, limits: Limits) -> Detected:
-    sniffed = sniff(path)
+def detect(path: Path, *, limits: Limits, sniffed: Sniffed | None = None) -> Detected:
+    """Sniff (unless the caller already did, on the same bytes) and probe the upload, once."""
+    sniffed = sniffed or sniff(path)
     if sniffed.kind == "image":
-        return Detected("image", sniffed.mime, None, {"container": sniffed.container})
+        return Detected("image", sniffed.mime, None, {"container": sniffed.container}, sniffed)
     info = probe(path, limits=limits, ffmpeg_format=sniffed.ffmpeg_format)
     check_limits(info, limits)
     if info.video is not None:
@@ -42,4 +46,4 @@ def detect(path: Path, *, limits: Limits) -> Detected:
     if kind == "audio" and mime.startswith("video/"):
         mime = "audio/" + mime.split("/", 1)[1]
     summary = {"container": info.container, "streams": to_json(info.streams)}
-    return Detected(kind, mime, info.media_duration, summary)
+    return Detected(kind, mime, info.media_duration, summary, sniffed, info)

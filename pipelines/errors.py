@@ -1,8 +1,10 @@
 """Typed media errors.
 
 Every error carries a stable ``code`` (what the API and the admin show and filter by), a
-sentence a person can read, and whether a retry could change the outcome. Tasks retry only
-errors whose ``retryable`` is true; everything else fails the item at once.
+sentence a person can read, whether an automatic retry could change the outcome
+(``retryable``: the stage tasks retry exactly those, see ``tasks/retry.py``), and whether the
+fault is the file's own (``about_the_file``: then no retry of any kind, by a person either, can
+help, and the page offers none).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ class MediaError(Exception):
 
     code = "internal"
     retryable = False
+    about_the_file = False
     default_message = "Something went wrong while processing this file."
 
     def __init__(self, message: str | None = None, *, detail: str = "") -> None:
@@ -32,16 +35,19 @@ def _rebuild(cls: type[MediaError], message: str, detail: str) -> MediaError:
 
 
 class InvalidInput(MediaError):
+    about_the_file = True
     code = "invalid_input"
     default_message = "The file is not a video, audio or image file we can read."
 
 
 class UnsupportedCodec(MediaError):
+    about_the_file = True
     code = "unsupported_codec"
     default_message = "The file uses a format or codec we do not support."
 
 
 class TooLarge(MediaError):
+    about_the_file = True
     code = "too_large"
     default_message = "The file is larger than we accept."
 
@@ -66,4 +72,15 @@ class TransientError(MediaError):
     default_message = "A temporary problem interrupted processing."
 
 
-ERROR_CODES = ("invalid_input", "unsupported_codec", "too_large", "timeout", "internal", "cancelled", "stalled")
+def _subclasses(cls: type[MediaError]) -> list[type[MediaError]]:
+    return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]
+
+
+def retryable_errors() -> tuple[type[MediaError], ...]:
+    """The error classes a stage task retries by itself."""
+    return tuple(cls for cls in _subclasses(MediaError) if cls.retryable)
+
+
+def file_error_codes() -> frozenset[str]:
+    """Codes of failures caused by the file itself: retrying it cannot change the outcome."""
+    return frozenset(cls.code for cls in _subclasses(MediaError) if cls.about_the_file)

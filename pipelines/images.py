@@ -50,7 +50,7 @@ from PIL import AvifImagePlugin, Image, ImageCms, ImageFile, WebPImagePlugin
 from pipelines.errors import InvalidInput, MediaError, TooLarge
 from pipelines.profiles import ImageProfile, Limits, Profiles
 from pipelines.results import Output
-from pipelines.sandbox import ChildLimits, run_isolated, run_isolated_with_stats
+from pipelines.sandbox import child_limits, run_isolated, run_isolated_with_stats
 from pipelines.sniff import sniff
 
 DAMAGED = "The image is damaged or incomplete and cannot be read."
@@ -150,7 +150,7 @@ def image_decode(src: Path, out_dir: Path, *, limits: Limits) -> ImageInfo:
         container,
         mime,
         limits,
-        limits=_child_limits(limits, limits.probe_wall_seconds),
+        limits=child_limits(limits, wall_seconds=limits.probe_wall_seconds),
     )
 
 
@@ -190,7 +190,7 @@ def image_encode(
         str(out_dir),
         profiles.image,
         limits,
-        limits=_child_limits(limits, limits.wall_seconds),
+        limits=child_limits(limits),
     )
     return ImageEncodeResult(outputs=outputs, peak_rss_bytes=stats.peak_rss_bytes)
 
@@ -215,15 +215,6 @@ def _is_avif(src: Path) -> bool:
     box_end = min(len(head), int.from_bytes(head[:4], "big"))
     brands = {head[8:12]} | {head[i : i + 4] for i in range(16, box_end - 3, 4)}
     return head[8:12] in _AVIF_BRANDS or bool(brands & _AVIF_BRANDS and not brands & _HEVC_BRANDS)
-
-
-def _child_limits(limits: Limits, wall_seconds: float) -> ChildLimits:
-    return ChildLimits(
-        memory_bytes=limits.memory_bytes,
-        cpu_seconds=limits.cpu_seconds,
-        wall_seconds=wall_seconds,
-        max_open_files=limits.max_open_files,
-    )
 
 
 def _upright_size(width: int, height: int, orientation: int) -> tuple[int, int]:

@@ -18,8 +18,8 @@ import av
 
 from pipelines.errors import InvalidInput, MediaError, TooLarge, UnsupportedCodec
 from pipelines.profiles import Limits
-from pipelines.runner import FORMAT_WHITELIST, child_limits
-from pipelines.sandbox import run_isolated
+from pipelines.runner import FORMAT_WHITELIST
+from pipelines.sandbox import child_limits, run_isolated
 
 StreamKind = Literal["video", "audio", "other"]
 

@@ -92,6 +92,3 @@ class Profiles:
             default = getattr(cls(), f.name)
             parts[f.name] = dataclasses.replace(default, **overrides.get(f.name, {}))
         return cls(**parts)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)

@@ -33,7 +33,7 @@ from pipelines.errors import (
     UnsupportedCodec,
 )
 from pipelines.profiles import Limits
-from pipelines.sandbox import ChildLimits, apply_rlimits
+from pipelines.sandbox import ChildLimits, apply_rlimits, child_limits
 
 # Demuxers an untrusted file may be read with. Everything that can open *other* URLs or files
 # (hls, dash, concat, subfile, image2, tee, data/playlist formats) and every subtitle demuxer is
@@ -133,26 +133,11 @@ def open_input(path: Path, ffmpeg_format: str | None) -> Iterator[UntrustedInput
         os.close(fd)
 
 
-def input_args(fd: int, ffmpeg_format: str | None, *extra: str) -> list[str]:
-    """The hardened input options for an fd opened by the caller (see ``UntrustedInput``)."""
-    return UntrustedInput(fd, ffmpeg_format).args(*extra)
-
-
 def _format_allowed(ffmpeg_format: str) -> bool:
     return any(name in ALLOWED_DEMUXERS for name in ffmpeg_format.split(","))
 
 
 # --- running ---------------------------------------------------------------------------------
-
-
-def child_limits(limits: Limits, *, wall_seconds: float | None = None) -> ChildLimits:
-    return ChildLimits(
-        memory_bytes=limits.memory_bytes,
-        cpu_seconds=limits.cpu_seconds,
-        wall_seconds=wall_seconds if wall_seconds is not None else limits.wall_seconds,
-        max_open_files=limits.max_open_files,
-        max_file_bytes=limits.max_file_bytes,
-    )
 
 
 def _preexec(limits: ChildLimits, parent: int, netns: int) -> Callable[[], None]:

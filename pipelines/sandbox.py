@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pipelines.errors import MediaError, ProcessingTimeout, TooLarge, TransientError
+from pipelines.profiles import Limits
 
 T = TypeVar("T")
 
@@ -31,6 +32,18 @@ class ChildLimits:
     wall_seconds: float
     max_open_files: int = 256
     max_file_bytes: int = 16 * 1024**3
+
+
+def child_limits(limits: Limits, *, wall_seconds: float | None = None) -> ChildLimits:
+    """The rlimits of every child we start (ffmpeg, probe, image decoder), from the profile:
+    one place, so no kind of child runs without one of them."""
+    return ChildLimits(
+        memory_bytes=limits.memory_bytes,
+        cpu_seconds=limits.cpu_seconds,
+        wall_seconds=wall_seconds if wall_seconds is not None else limits.wall_seconds,
+        max_open_files=limits.max_open_files,
+        max_file_bytes=limits.max_file_bytes,
+    )
 
 
 @dataclass(frozen=True)

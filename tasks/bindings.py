@@ -1,12 +1,12 @@
-"""The map from (kind, stage) to the one pipeline call that does the work.
-
-Kept apart from the task bodies so that the chain's shape (which stages, which queue, how much
-of the progress bar each takes) reads in one place.
+"""The stage table: for each kind, its stages in order, each one entry (name, share of the
+progress bar, queue, time limit, pipeline call). The chain, the progress spans, the per-task
+limits and the dispatch are all built from it, so adding a stage is adding one line.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,52 +16,37 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
 
+from media_app.jobs import Queue
 from media_app.services import output_key_for, renditions_replace
 from pipelines import av, images
-from pipelines.detect import detect
+from pipelines.detect import Detected, detect
 from pipelines.profiles import Profiles
 from pipelines.results import Output
+from pipelines.sniff import Sniffed
 
 if TYPE_CHECKING:
     from media_app.models import MediaItem
     from tasks.stages import StageContext
 
-# Stage name -> share of the progress bar. Encode dominates wall time, so it gets most of it.
-WEIGHTS: dict[str, dict[str, float]] = {
-    "video": {
-        "demux": 2,
-        "decode": 6,
-        "normalize": 5,
-        "filter": 1,
-        "encode": 72,
-        "mux": 2,
-        "chunk": 2,
-        "previews": 3,
-        "store": 7,
-    },
-    "audio": {"demux": 3, "decode": 8, "normalize": 14, "filter": 1, "encode": 60, "mux": 4, "store": 10},
-    "image": {"decode": 25, "normalize": 5, "encode": 55, "store": 15},
-}
-ALL_STAGES = ("demux", "decode", "normalize", "filter", "encode", "mux", "chunk", "previews", "store")
+MINUTE = 60
 
 
-def stages_for(kind: str) -> list[str]:
-    return list(WEIGHTS[kind])
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    weight: float  # share of the progress bar: encode dominates wall time, so it gets most
+    queue: Queue
+    # Hard limit of one delivery, in seconds (0: the ceiling); the soft limit, a clean timeout
+    # error, is 90 % of it. Image steps take well under a second, so minutes mean something
+    # hung; an encode of a four-hour film on a slow host needs hours, and its ceiling is
+    # CELERY_TASK_TIME_LIMIT, which the broker's visibility timeout must exceed (checked in
+    # config/celery.py).
+    time_limit: int
+    run: Callable[[StageContext], Any]
 
 
-def queue_for(kind: str) -> str:
-    return "video" if kind == "video" else "default"
-
-
-def progress_span(kind: str, stage: str) -> tuple[float, float]:
-    weights = WEIGHTS.get(kind) or WEIGHTS["video"]
-    total = sum(weights.values())
-    start = 0.0
-    for name, weight in weights.items():
-        if name == stage:
-            return (99 * start / total, 99 * (start + weight) / total)
-        start += weight
-    return (0.0, 0.0)
+def _ceiling() -> int:
+    return int(settings.CELERY_TASK_TIME_LIMIT)
 
 
 @cache
@@ -69,16 +54,14 @@ def profiles() -> Profiles:
     return Profiles.from_overrides(settings.MEDIA_PROFILES)
 
 
-def detect_item(item: MediaItem, prof: Profiles) -> tuple[str, str, dict[str, Any]]:
-    """Kind and type from the content: magic bytes, then (for audio/video) a sandboxed probe."""
+def detect_item(item: MediaItem, prof: Profiles) -> Detected:
+    """Kind, type and streams from the content: the sniff made when the upload finished, then
+    (for audio/video) the one sandboxed probe of the upload."""
     from tasks.stages import StageContext
 
     path = StageContext(item, "detect", Path(), (0, 0)).source_path()
-    found = detect(path, limits=prof.limits)
-    return found.kind, found.mime, {"duration": found.duration, "media_info": found.summary}
-
-
-# --- bindings: one function per (kind, stage) --------------------------------------------------
+    sniffed = item.media_info.get("sniffed") if isinstance(item.media_info, dict) else None
+    return detect(path, limits=prof.limits, sniffed=Sniffed(**sniffed) if sniffed else None)
 
 
 @dataclass(frozen=True)
@@ -86,54 +69,77 @@ class StoreResult:
     keys: tuple[str, ...]
 
 
-def run(ctx: StageContext) -> Any:
-    kind, stage = ctx.item.kind, ctx.stage
-    prof, limits = profiles(), profiles().limits
-    if stage == "store":
-        return _store(ctx)
-    if kind == "image":
-        return _image(ctx, stage, prof)
-    if stage == "demux":
-        return av.demux(ctx.source_path(), ctx.out_dir, limits=limits)
+# --- bindings: one function per (kind, stage) --------------------------------------------------
+
+
+def _limits() -> Any:
+    return profiles().limits
+
+
+def _demux(ctx: StageContext) -> Any:
+    return av.demux(ctx.source_path(), ctx.out_dir, limits=_limits(), detected=ctx.detected())
+
+
+def _decode(ctx: StageContext) -> Any:
     demuxed = ctx.result("demux", av.DemuxResult)
-    if stage == "decode":
-        return av.decode(demuxed, ctx.dir("demux"), ctx.out_dir, limits=limits, progress=ctx.progress)
-    if stage == "normalize":
-        return av.normalize(demuxed, ctx.dir("demux"), ctx.out_dir, profiles=prof, limits=limits, progress=ctx.progress)
-    plan = ctx.result("normalize", av.NormalizePlan)
-    if stage == "filter":
-        return av.build_filters(plan, profiles=prof)
-    if stage == "encode":
-        return av.encode(
-            demuxed,
-            ctx.dir("demux"),
-            ctx.result("filter", av.FilterSpec),
-            plan,
-            ctx.out_dir,
-            profiles=prof,
-            limits=limits,
-            progress=ctx.progress,
-            cancel=ctx.cancelled,
-        )
-    if stage == "mux":
-        return av.mux(ctx.result("encode", av.EncodeResult), ctx.dir("encode"), ctx.out_dir, limits=limits)
-    if stage == "chunk":
-        return av.chunk(ctx.result("mux", av.MuxResult), ctx.dir("mux"), ctx.out_dir, profiles=prof, limits=limits)
-    if stage == "previews":
-        return av.previews(demuxed, ctx.dir("demux"), ctx.out_dir, profiles=prof, limits=limits)
-    raise ValueError(f"no binding for {kind}/{stage}")
+    return av.decode(demuxed, ctx.dir("demux"), ctx.out_dir, limits=_limits(), progress=ctx.progress)
 
 
-def _image(ctx: StageContext, stage: str, prof: Profiles) -> Any:
-    if stage == "decode":
-        return images.image_decode(ctx.source_path(), ctx.out_dir, limits=prof.limits)
+def _normalize(ctx: StageContext) -> Any:
+    demuxed = ctx.result("demux", av.DemuxResult)
+    return av.normalize(
+        demuxed, ctx.dir("demux"), ctx.out_dir, profiles=profiles(), limits=_limits(), progress=ctx.progress
+    )
+
+
+def _filter(ctx: StageContext) -> Any:
+    return av.build_filters(ctx.result("normalize", av.NormalizePlan), profiles=profiles())
+
+
+def _encode(ctx: StageContext) -> Any:
+    return av.encode(
+        ctx.result("demux", av.DemuxResult),
+        ctx.dir("demux"),
+        ctx.result("filter", av.FilterSpec),
+        ctx.result("normalize", av.NormalizePlan),
+        ctx.out_dir,
+        profiles=profiles(),
+        limits=_limits(),
+        progress=ctx.progress,
+        cancel=ctx.cancelled,
+    )
+
+
+def _mux(ctx: StageContext) -> Any:
+    return av.mux(ctx.result("encode", av.EncodeResult), ctx.dir("encode"), ctx.out_dir, limits=_limits())
+
+
+def _chunk(ctx: StageContext) -> Any:
+    mux = ctx.result("mux", av.MuxResult)
+    return av.chunk(mux, ctx.dir("mux"), ctx.out_dir, profiles=profiles(), limits=_limits())
+
+
+def _previews(ctx: StageContext) -> Any:
+    demuxed = ctx.result("demux", av.DemuxResult)
+    return av.previews(demuxed, ctx.dir("demux"), ctx.out_dir, profiles=profiles(), limits=_limits())
+
+
+def _image_decode(ctx: StageContext) -> Any:
+    return images.image_decode(ctx.source_path(), ctx.out_dir, limits=_limits())
+
+
+def _image_normalize(ctx: StageContext) -> Any:
+    return images.image_normalize(ctx.result("decode", images.ImageInfo), profiles=profiles())
+
+
+def _image_encode(ctx: StageContext) -> Any:
     info = ctx.result("decode", images.ImageInfo)
-    if stage == "normalize":
-        return images.image_normalize(info, profiles=prof)
-    if stage == "encode":
-        plan = ctx.result("normalize", images.ImagePlan)
-        return images.image_encode(ctx.source_path(), info, plan, ctx.out_dir, profiles=prof, limits=prof.limits)
-    raise ValueError(f"no binding for image/{stage}")
+    plan = ctx.result("normalize", images.ImagePlan)
+    return images.image_encode(ctx.source_path(), info, plan, ctx.out_dir, profiles=profiles(), limits=_limits())
+
+
+def _store(ctx: StageContext) -> StoreResult:
+    return store(ctx)
 
 
 # Which stages' results carry deliverables, and the folder each lands in under outputs/<item>/.
@@ -144,7 +150,7 @@ OUTPUT_STAGES: dict[str, list[tuple[str, type[Any], str]]] = {
 }
 
 
-def _store(ctx: StageContext) -> StoreResult:
+def store(ctx: StageContext) -> StoreResult:
     """Copy deliverables into storage under keys derived from the item, then record them."""
     records: list[dict[str, Any]] = []
     for stage, cls, prefix in OUTPUT_STAGES[ctx.item.kind]:
@@ -183,3 +189,72 @@ def _put(path: Path, key: str) -> None:
     tmp = target.with_name(f".{target.name}.part")
     shutil.copyfile(path, tmp)
     tmp.replace(target)
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+_V, _D = Queue.VIDEO, Queue.DEFAULT
+PIPELINES: dict[str, tuple[Stage, ...]] = {
+    "video": (
+        Stage("demux", 2, _V, 20 * MINUTE, _demux),
+        Stage("decode", 6, _V, 40 * MINUTE, _decode),
+        Stage("normalize", 5, _V, 40 * MINUTE, _normalize),
+        Stage("filter", 1, _V, 1 * MINUTE, _filter),
+        Stage("encode", 72, _V, 0, _encode),  # 0: the ceiling, CELERY_TASK_TIME_LIMIT
+        Stage("mux", 2, _V, 20 * MINUTE, _mux),
+        Stage("chunk", 2, _V, 20 * MINUTE, _chunk),
+        Stage("previews", 3, _V, 10 * MINUTE, _previews),
+        Stage("store", 7, _V, 30 * MINUTE, _store),
+    ),
+    "audio": (
+        Stage("demux", 3, _D, 10 * MINUTE, _demux),
+        Stage("decode", 8, _D, 20 * MINUTE, _decode),
+        Stage("normalize", 14, _D, 20 * MINUTE, _normalize),
+        Stage("filter", 1, _D, 1 * MINUTE, _filter),
+        Stage("encode", 60, _D, 0, _encode),
+        Stage("mux", 4, _D, 10 * MINUTE, _mux),
+        Stage("store", 10, _D, 10 * MINUTE, _store),
+    ),
+    "image": (
+        Stage("decode", 25, _D, 2 * MINUTE, _image_decode),
+        Stage("normalize", 5, _D, 1 * MINUTE, _image_normalize),
+        Stage("encode", 55, _D, 5 * MINUTE, _image_encode),
+        Stage("store", 15, _D, 5 * MINUTE, _store),
+    ),
+}
+# Every stage name of any kind: one Celery task each (media.stage.<name>).
+ALL_STAGES: tuple[str, ...] = tuple(dict.fromkeys(st.name for stages in PIPELINES.values() for st in stages))
+
+
+def stages_for(kind: str) -> list[str]:
+    return [st.name for st in PIPELINES[kind]]
+
+
+def stage(kind: str, name: str) -> Stage:
+    found = next((st for st in PIPELINES.get(kind, ()) if st.name == name), None)
+    if found is None:
+        raise ValueError(f"no stage {name!r} for {kind!r} items")
+    return found
+
+
+def time_limits(st: Stage) -> tuple[int, int]:
+    """(hard, soft) seconds for one delivery of ``st``, never past the global ceiling."""
+    hard = min(st.time_limit or _ceiling(), _ceiling())
+    return hard, int(hard * 0.9)
+
+
+def progress_span(kind: str, name: str) -> tuple[float, float]:
+    """The part of the 0-99 bar the stage fills (100 is Completed)."""
+    stages = PIPELINES.get(kind) or PIPELINES["video"]
+    total = sum(st.weight for st in stages)
+    start = 0.0
+    for st in stages:
+        if st.name == name:
+            return (99 * start / total, 99 * (start + st.weight) / total)
+        start += st.weight
+    return (0.0, 0.0)
+
+
+def run(ctx: StageContext) -> Any:
+    """Dispatch: the pipeline call of the item's kind for this stage."""
+    return stage(ctx.item.kind, ctx.stage).run(ctx)

@@ -30,11 +30,13 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from media_app import jobs, lifecycle
+from media_app.jobs import PROCESS_TASK
 from media_app.models import MediaItem, MediaStatus
-from media_app.ops import backup_write, media_requeue_stalled
+from media_app.ops import backup_write
 from media_app.uploads import uploads_expire
 from tasks import bindings, workspace
-from tasks.stages import build_chain
+from tasks.stages import chain_links
 
 logger = logging.getLogger("tasks.maintenance")
 
@@ -49,13 +51,15 @@ def backup() -> str:
     return str(backup_write())
 
 
-@shared_task(name="media.maintenance.expire_uploads", time_limit=600)
+# Every periodic task names both limits: a hard limit alone below the global soft limit is
+# refused when beat queues the task ("soft_time_limit must be less than or equal to time_limit").
+@shared_task(name="media.maintenance.expire_uploads", time_limit=600, soft_time_limit=540)
 def expire_uploads() -> int:
     """Remove uploads abandoned before their last byte arrived."""
     return uploads_expire()
 
 
-@shared_task(name="media.maintenance.cleanup_work", time_limit=600)
+@shared_task(name="media.maintenance.cleanup_work", time_limit=600, soft_time_limit=540)
 def cleanup_work() -> list[str]:
     """Remove work directories nothing will read again."""
     return work_dirs_cleanup()
@@ -212,12 +216,12 @@ def resume_chain(item: MediaItem, task_id: str) -> None:
     file that takes its whole worker down every time is stopped after MEDIA_MAX_ATTEMPTS instead
     of being resumed forever. An item with no stage yet starts over with ``media.process``.
     """
-    stages = bindings.stages_for(item.kind) if item.kind in bindings.WEIGHTS else []
+    stages = bindings.stages_for(item.kind) if item.kind in bindings.PIPELINES else []
     if item.status != MediaStatus.PROCESSING or not stages:
-        current_app.send_task("media.process", args=[str(item.pk)], task_id=task_id, queue="default")
+        jobs.send(PROCESS_TASK, item.pk, task_id=task_id)
         return
     start = next((n for n, stage in enumerate(stages) if not workspace.stage_done(item.pk, stage)), len(stages))
-    links = list(build_chain(item).tasks)[start:]
+    links = chain_links(item)[start:]
     links[0] = links[0].clone().set(task_id=task_id)
     chain(*links).apply_async()
 
@@ -267,7 +271,7 @@ def watchdog_run(
     quiet_before = max(stall_before, lost_before)
     candidates = list(
         MediaItem.objects.filter(updated_at__lte=quiet_before).filter(
-            Q(status=MediaStatus.PROCESSING) | (Q(status=MediaStatus.PENDING) & ~Q(task_id=""))
+            Q(status=MediaStatus.PROCESSING) | Q(status=MediaStatus.PENDING, queued_at__isnull=False)
         )
     )
     outcome: dict[str, list[str]] = {"requeued": [], "failed": [], "moved": []}
@@ -283,7 +287,7 @@ def watchdog_run(
         rejudged = [v if v.kill else _judge(by_id[v.item_id], again, **judge) for v in verdicts]
         verdicts = [v for v in rejudged if v]
     for v in verdicts:
-        result = media_requeue_stalled(
+        result = lifecycle.requeued(
             item_id=v.item_id, seen_updated_at=v.updated_at, reason=v.reason, kill=v.kill, send=resume_chain
         )
         outcome[result].append(v.item_id)

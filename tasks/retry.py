@@ -11,12 +11,13 @@ from django.db import InterfaceError, OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from media_app.services import ErrorReport
-from pipelines.errors import MediaError, ProcessingTimeout, TransientError
+from media_app.lifecycle import ErrorReport
+from pipelines.errors import MediaError, retryable_errors
 
+# The pipeline's own errors say whether a retry can help (``MediaError.retryable``); the rest are
+# the infrastructure blinking.
 RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
-    TransientError,
-    ProcessingTimeout,
+    *retryable_errors(),
     SoftTimeLimitExceeded,
     OperationalError,
     InterfaceError,

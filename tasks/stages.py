@@ -1,12 +1,14 @@
 """One Celery task per stage, and the entry task that builds an item's chain.
 
-A stage task only sets up: it loads the item by id, counts the delivery, skips work already
-done, calls one pipeline function through ``tasks.bindings`` and reports. Typed errors
-propagate; the retry policy sits in ``StageTask``.
+A stage task only sets up: it asks the lifecycle to start the stage (which refuses when the item
+is cancelled or finished), skips work already done, calls one pipeline function through the
+stage table in ``tasks.bindings`` and reports. Typed errors propagate; the retry policy sits in
+``StageTask``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import shutil
@@ -19,13 +21,29 @@ from celery.exceptions import Ignore
 from django.conf import settings
 from django.core.files.storage import default_storage
 
+from media_app import lifecycle
 from media_app.models import MediaItem, MediaStatus
-from media_app.services import media_progress_report, media_status_report
+from pipelines.detect import Detected
 from pipelines.errors import MediaError
+from pipelines.probe import MediaInfo
+from pipelines.results import from_json, to_json
+from pipelines.sniff import Sniffed
 from tasks import bindings, workspace
 from tasks.retry import RETRYABLE_ERRORS, classify
 
 logger = logging.getLogger("tasks.stages")
+
+
+def log_stage(item_id: Any, stage: str, attempt: int, seconds: float, outcome: str, **more: Any) -> None:
+    """The stage log line: one JSON object, so a log pipeline can filter and sum it."""
+    record = {
+        "item": str(item_id),
+        "stage": stage,
+        "attempt": attempt,
+        "seconds": round(seconds, 3),
+        "outcome": outcome,
+    }
+    logger.info(json.dumps({**record, **more}))
 
 
 class StageTask(Task):
@@ -38,12 +56,13 @@ class StageTask(Task):
     retry_jitter = True
     acks_late = True
     reject_on_worker_lost = True
+    ignore_result = True
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         item_id = args[0] if args else kwargs.get("item_id")
         report = classify(exc)
         logger.warning("stage failed item=%s task=%s code=%s %s", item_id, self.name, report.code, report.detail[-500:])
-        media_status_report(item_id=item_id, status=MediaStatus.FAILED, error=report, message=report.message)
+        lifecycle.failed(item_id=item_id, error=report)
 
 
 class StageContext:
@@ -73,6 +92,10 @@ class StageContext:
                 tmp.rename(local)
             return local
 
+    def detected(self) -> Detected | None:
+        """What the entry task's sniff and probe found, saved on the item: not measured again."""
+        return detected_from(self.item.media_info)
+
     def dir(self, stage: str) -> Path:
         return workspace.stage_dir(self.item_id, stage)
 
@@ -82,7 +105,7 @@ class StageContext:
     def progress(self, fraction: float) -> None:
         fraction = max(0.0, min(fraction, 1.0))
         start, end = self._span
-        media_progress_report(
+        lifecycle.progressed(
             item_id=self.item_id, progress=int(start + (end - start) * fraction), eta_seconds=self._eta(fraction)
         )
 
@@ -106,38 +129,42 @@ class StageContext:
         return self._cancelled
 
 
+def detected_from(media_info: Any) -> Detected | None:
+    if not isinstance(media_info, dict) or "probe" not in media_info or "sniffed" not in media_info:
+        return None
+    info = from_json(MediaInfo, media_info["probe"]) if media_info["probe"] else None
+    kind = "video" if info and info.video else "audio"
+    sniffed = Sniffed(**media_info["sniffed"])
+    return Detected(kind, sniffed.mime, info.media_duration if info else None, {}, sniffed, info)
+
+
 def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     """The common body of every stage task."""
     item = MediaItem.objects.filter(pk=item_id).first()
-    if item is None or item.is_final:
+    if item is None:
+        raise Ignore()
+    span = bindings.progress_span(item.kind, stage)
+    attempt = lifecycle.stage_started(
+        item_id=item_id, stage=stage, task_id=task.request.id or "", progress=int(span[0])
+    )
+    if attempt is None:
         # Deleted, cancelled or already done: stop this chain quietly.
         raise Ignore()
-    attempts = item.attempts + 1 if (item.status == MediaStatus.PROCESSING and item.stage == stage) else 1
-    span = bindings.progress_span(item.kind, stage)
-    media_status_report(
-        item_id=item_id,
-        status=MediaStatus.PROCESSING,
-        stage=stage,
-        attempts=attempts,
-        progress=int(span[0]),
-        extra={"task_id": task.request.id or "", "eta_seconds": None},
-        message=f"{stage} started" + (f" (attempt {attempts})" if attempts > 1 else ""),
-    )
-    if attempts > settings.MEDIA_MAX_ATTEMPTS:
+    if attempt > settings.MEDIA_MAX_ATTEMPTS:
         # Redelivered after its worker died each time: a poison file, not bad luck.
         raise MediaError(
             "Processing this file failed repeatedly and was stopped.",
-            detail=f"stage {stage} delivered {attempts} times",
+            detail=f"stage {stage} delivered {attempt} times",
         )
     started = time.monotonic()
     if workspace.stage_done(item_id, stage):
-        logger.info("stage skipped item=%s stage=%s (already done)", item_id, stage)
-        media_status_report(
-            item_id=item_id, progress=int(span[1]), message=f"{stage} skipped: already done", record=True
-        )
+        log_stage(item_id, stage, attempt, 0.0, "skipped")
+        if not lifecycle.stage_finished(item_id=item_id, stage=stage, progress=int(span[1])):
+            raise Ignore()
         return {"stage": stage, "skipped": True}
     workspace.clear_tmp(item_id)
     tmp = workspace.new_tmp_dir(item_id, stage)
+    item.refresh_from_db()
     ctx = StageContext(item, stage, tmp, span)
     try:
         result = bindings.run(ctx)
@@ -148,20 +175,12 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     # The largest child this worker process has reaped (decoders, ffmpeg): the item records it
     # so limits can be checked against what really ran.
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    logger.info(
-        "stage done item=%s stage=%s seconds=%.3f attempt=%d peak_child_mb=%.0f",
-        item_id,
-        stage,
-        seconds,
-        attempts,
-        peak / 2**20,
+    applied = lifecycle.stage_finished(
+        item_id=item_id, stage=stage, progress=int(span[1]), seconds=seconds, peak_child_rss=peak
     )
-    media_status_report(
-        item_id=item_id,
-        progress=int(span[1]),
-        timing=(stage, seconds),
-        extra={"peak_child_rss": max(item.peak_child_rss, peak)},
-    )
+    log_stage(item_id, stage, attempt, seconds, "done" if applied else "stopped", peak_child_mb=round(peak / 2**20))
+    if not applied:
+        raise Ignore()  # cancelled while it ran: its result stays on disk, the chain stops here
     return {"stage": stage, "skipped": False, "seconds": seconds}
 
 
@@ -176,39 +195,62 @@ def _stage_task(stage: str) -> Task:
 STAGE_TASKS: dict[str, Task] = {stage: _stage_task(stage) for stage in bindings.ALL_STAGES}
 
 
-@shared_task(bind=True, name="media.finish", acks_late=True)
+@shared_task(bind=True, name="media.finish", acks_late=True, ignore_result=True, time_limit=60, soft_time_limit=50)
 def finish(self: Task, item_id: str) -> None:
     """The chain's last link: mark Completed and drop the work files."""
-    item = MediaItem.objects.filter(pk=item_id).first()
-    if item is None or item.is_final:
-        return
-    media_status_report(item_id=item_id, status=MediaStatus.COMPLETED, stage="", progress=100, message="Completed")
-    workspace.clear(item_id)
+    if lifecycle.completed(item_id=item_id):
+        workspace.clear(item_id)
+
+
+def chain_links(item: MediaItem) -> list[Any]:
+    """The item's chain, from the stage table: each link on its stage's queue, with its limits."""
+    links = []
+    for st in bindings.PIPELINES[item.kind]:
+        hard, soft = bindings.time_limits(st)
+        links.append(
+            STAGE_TASKS[st.name].si(str(item.pk)).set(queue=str(st.queue), time_limit=hard, soft_time_limit=soft)
+        )
+    last_queue = str(bindings.PIPELINES[item.kind][-1].queue)
+    links.append(finish.si(str(item.pk)).set(queue=last_queue))
+    return links
 
 
 def build_chain(item: MediaItem) -> Any:
-    queue = bindings.queue_for(item.kind)
-    links = [STAGE_TASKS[s].si(str(item.pk)).set(queue=queue) for s in bindings.stages_for(item.kind)]
-    links.append(finish.si(str(item.pk)).set(queue=queue))
-    return chain(*links)
+    return chain(*chain_links(item))
 
 
-@shared_task(bind=True, name="media.process", acks_late=True)
+@shared_task(bind=True, name="media.process", acks_late=True, time_limit=300, soft_time_limit=270)
 def process(self: Task, item_id: str) -> str | None:
-    """Entry task: learn the item's kind from its content, then start its chain."""
+    """Entry task: learn the item's kind and streams from its content (the one probe of the
+    upload), then hand over to its chain. A delivery whose id is not the one the item was queued
+    under (a duplicate, or one the watchdog replaced) starts nothing."""
     item = MediaItem.objects.filter(pk=item_id).first()
-    if item is None or item.is_final:
+    if item is None or not item.is_queued or item.task_id != self.request.id:
         return None
-    if not item.kind:
+    detected: dict[str, Any] = {}
+    if not item.kind or (item.kind != "image" and "probe" not in (item.media_info or {})):
         try:
-            kind, content_type, info = bindings.detect_item(item, bindings.profiles())
+            found = bindings.detect_item(item, bindings.profiles())
         except MediaError as exc:
-            report = classify(exc)
-            media_status_report(item_id=item_id, status=MediaStatus.FAILED, error=report, message=report.message)
+            lifecycle.failed(item_id=item_id, error=classify(exc))
             return None
-        item = (
-            media_status_report(item_id=item_id, extra={"kind": kind, "detected_content_type": content_type, **info})
-            or item
-        )
-    result = build_chain(item).apply_async()
-    return str(result.id)
+        media_info = {
+            **found.summary,
+            "sniffed": to_json(found.sniffed) if found.sniffed else None,
+            "probe": to_json(found.info) if found.info else None,
+        }
+        detected = {
+            "kind": found.kind,
+            "detected_content_type": found.mime,
+            "duration": found.duration,
+            "media_info": media_info,
+        }
+        item.kind = found.kind
+    links = chain_links(item)
+    first_id = links[0].freeze().id
+    if not lifecycle.chain_started(
+        item_id=item_id, entry_task_id=self.request.id, first_task_id=first_id, detected=detected
+    ):
+        return None
+    chain(*links).apply_async()
+    return str(first_id)

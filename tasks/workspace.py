@@ -58,13 +58,9 @@ def load_result(item_id: Any, stage: str, cls: type[T]) -> T:
     return from_json(cls, data)
 
 
-def clear(item_id: Any, *, from_stage_list: list[str] | None = None) -> None:
-    """Remove work files: all of them, or those of the given stages (a reprocess from scratch)."""
-    if from_stage_list is None:
-        shutil.rmtree(item_dir(item_id), ignore_errors=True)
-        return
-    for stage in from_stage_list:
-        shutil.rmtree(stage_dir(item_id, stage), ignore_errors=True)
+def clear(item_id: Any) -> None:
+    """Remove the item's work files on this host."""
+    shutil.rmtree(item_dir(item_id), ignore_errors=True)
 
 
 def clear_tmp(item_id: Any) -> None:

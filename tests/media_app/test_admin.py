@@ -1,6 +1,7 @@
 import pytest
 
-from media_app.services import media_item_create, media_status_report
+from media_app.services import media_item_create
+from tests.states import set_state
 
 pytestmark = pytest.mark.django_db
 
@@ -8,7 +9,7 @@ pytestmark = pytest.mark.django_db
 def test_admin_lists_items_with_status_kind_stage_progress_and_owner(client, make_user):
     owner = make_user("alice")
     item = media_item_create(owner=owner, original_name="holiday.mp4")
-    media_status_report(item_id=item.pk, status="Processing", stage="encode", progress=42, extra={"kind": "video"})
+    set_state(item_id=item.pk, status="Processing", stage="encode", progress=42, extra={"kind": "video"})
     admin = make_user("boss", staff=True)
     admin.is_superuser = True
     admin.save()

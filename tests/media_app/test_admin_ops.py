@@ -16,9 +16,10 @@ from django.test import Client
 
 from config.celery import app as celery_app
 from media_app.models import MediaItem, StatusEvent
-from media_app.services import ErrorReport, media_item_create, media_processing_start, media_status_report
+from media_app.services import ErrorReport, media_item_create, media_processing_start
 from tests.conftest import wait_for
 from tests.media import drawn_image, lavfi_video
+from tests.states import set_state
 
 CHANGELIST = "/admin/media_app/mediaitem/"
 
@@ -128,10 +129,10 @@ def test_each_action_says_how_many_changed_and_why_others_were_skipped(staff_cli
     monkeypatch.setattr(celery_app, "send_task", lambda *a, **k: sent.append((a, k)))
     owner = make_user("dana")
     done = media_item_create(owner=owner, original_name="done.jpg")
-    media_status_report(item_id=done.pk, status="Completed")
+    set_state(item_id=done.pk, status="Completed")
     waiting = media_item_create(owner=owner, original_name="waiting.mp4")
     failed = media_item_create(owner=owner, original_name="gone.mp4", size=10)
-    media_status_report(item_id=failed.pk, status="Failed", error=ErrorReport("internal", "boom"))
+    set_state(item_id=failed.pk, status="Failed", error=ErrorReport("internal", "boom"))
 
     messages = act(staff_client, "retry", done, waiting, failed)
     assert "Skipped 1: not failed (Completed): done.jpg." in messages
@@ -154,7 +155,7 @@ def test_two_simultaneous_retries_of_one_item_queue_it_once(make_user, make_item
     sent: list[Any] = []
     monkeypatch.setattr(celery_app, "send_task", lambda *a, **k: sent.append(a))
     item = make_item(drawn_image(tmp_path / "a.jpg"))
-    media_status_report(item_id=item.pk, status="Failed", error=ErrorReport("internal", "boom"))
+    set_state(item_id=item.pk, status="Failed", error=ErrorReport("internal", "boom"))
     barrier = threading.Barrier(2)
     results: list[list[str]] = []
 
@@ -188,8 +189,8 @@ def test_detail_page_shows_history_error_detail_and_outputs_with_previews(staff_
     from media_app.services import renditions_replace
 
     item = make_item(drawn_image(tmp_path / "p.png", fmt="PNG"), name="holiday.png")
-    media_status_report(item_id=item.pk, status="Processing", stage="encode", extra={"kind": "image"})
-    media_status_report(
+    set_state(item_id=item.pk, status="Processing", stage="encode", extra={"kind": "image"})
+    set_state(
         item_id=item.pk,
         status="Failed",
         error=ErrorReport("invalid_input", "The file is damaged.", "[png @ 0x1] IHDR: CRC error\nInvalid data"),

@@ -24,10 +24,10 @@ from media_app.services import (
     item_group,
     media_item_create,
     media_item_store_source,
-    media_status_report,
     renditions_replace,
 )
 from tests.media_app.test_api_support import HTML_AS_MP4, PHP_AS_JPG, create, error_of, put
+from tests.states import set_state
 
 pytest_plugins = ["tests.media_app.test_api_support"]
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("local_storage")]
@@ -328,8 +328,8 @@ def test_another_users_item_is_404_everywhere_and_staff_see_it(api, clip, sent):
 def test_list_is_paginated_and_filtered_by_status_and_kind(api):
     client, user = api()
     items = [media_item_create(owner=user, original_name=f"f{i}.mp4", size=1) for i in range(5)]
-    media_status_report(item_id=items[0].pk, status=MediaStatus.FAILED, error=ErrorReport("invalid_input", "Bad."))
-    media_status_report(item_id=items[1].pk, extra={"kind": "image"})
+    set_state(item_id=items[0].pk, status=MediaStatus.FAILED, error=ErrorReport("invalid_input", "Bad."))
+    set_state(item_id=items[1].pk, extra={"kind": "image"})
     page = client.get("/api/media/?page_size=2").json()
     assert page["count"] == 5 and len(page["results"]) == 2 and page["next"]
     assert [r["file_name"] for r in page["results"]] == ["f4.mp4", "f3.mp4"]
@@ -350,7 +350,7 @@ def _completed_item(user, tmp_path, data: bytes):
         item_id=item.pk,
         renditions=[{"role": "video", "storage_key": key, "content_type": "video/webm", "bytes": len(data)}],
     )
-    media_status_report(item_id=item.pk, status=MediaStatus.COMPLETED, progress=100)
+    set_state(item_id=item.pk, status=MediaStatus.COMPLETED, progress=100)
     return item, key
 
 
@@ -389,16 +389,19 @@ def test_detail_has_outputs_with_signed_download_urls_that_serve_ranges(api, tmp
 # --- delete and retry ------------------------------------------------------------------------------
 
 
-def test_delete_cancels_processing_revokes_the_task_and_removes_every_file(api, tmp_path, sent, settings):
+def test_delete_cancels_processing_revokes_the_task_and_removes_every_file(
+    api, tmp_path, sent, settings, django_capture_on_commit_callbacks
+):
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     client, user = api()
     item, key = _completed_item(user, tmp_path, b"x" * 100)
-    media_status_report(item_id=item.pk, status=MediaStatus.PROCESSING, stage="encode", extra={"task_id": "task-42"})
+    set_state(item_id=item.pk, status=MediaStatus.PROCESSING, stage="encode", extra={"task_id": "task-42"})
     layer = get_channel_layer()
     channel = async_to_sync(layer.new_channel)()
     async_to_sync(layer.group_add)(item_group(item.pk), channel)
 
-    response = client.delete(f"/api/media/{item.pk}")
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.delete(f"/api/media/{item.pk}")
     assert response.status_code == 204
     event = async_to_sync(layer.receive)(channel)
     assert event["item"]["status"] == "Failed" and event["item"]["error"]["code"] == "cancelled"
@@ -412,7 +415,7 @@ def test_retry_sends_a_failed_item_back_to_pending_and_enqueues_it(api, clip, se
     client, user = api()
     item = media_item_create(owner=user, original_name="a.mp4", size=clip.stat().st_size)
     media_item_store_source(item=item, fileobj=clip.open("rb"))
-    media_status_report(
+    set_state(
         item_id=item.pk,
         status=MediaStatus.FAILED,
         attempts=3,

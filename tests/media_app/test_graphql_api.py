@@ -20,10 +20,10 @@ from media_app.services import (
     ErrorReport,
     media_item_create,
     media_item_store_source,
-    media_status_report,
     renditions_replace,
 )
 from tests.media_app.test_api_support import HTML_AS_MP4, create, error_of, put
+from tests.states import set_state
 
 pytest_plugins = ["tests.media_app.test_api_support"]
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("local_storage")]
@@ -181,9 +181,7 @@ def test_retry_sends_a_failed_item_back_to_pending(gql, clip, sent, django_captu
     client, user = gql()
     item = media_item_create(owner=user, original_name="a.mp4", size=clip.stat().st_size)
     media_item_store_source(item=item, fileobj=clip.open("rb"))
-    media_status_report(
-        item_id=item.pk, status=MediaStatus.FAILED, attempts=3, error=ErrorReport("timeout", "Too slow.")
-    )
+    set_state(item_id=item.pk, status=MediaStatus.FAILED, attempts=3, error=ErrorReport("timeout", "Too slow."))
     with django_capture_on_commit_callbacks(execute=True):
         body = client(RETRY, id=str(item.pk))
     retried = body["data"]["retryMedia"]
@@ -254,7 +252,7 @@ def test_items_are_paged_by_cursor_and_filtered(gql):
     gql()[0](CREATE, name="other.mp4", size=5, type="")  # someone else's
     ids = [create_upload(client, size=10, name=f"{i}.mp4")["data"]["createMediaUpload"]["item"]["id"] for i in range(5)]
     done = MediaItem.objects.get(pk=ids[0])
-    media_status_report(item_id=done.pk, status=MediaStatus.COMPLETED, extra={"kind": "video"})
+    set_state(item_id=done.pk, status=MediaStatus.COMPLETED, extra={"kind": "video"})
     key = f"outputs/{done.pk}/video.webm"
     default_storage.save(key, io.BytesIO(b"webm"))
     renditions_replace(

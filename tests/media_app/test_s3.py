@@ -18,9 +18,10 @@ import requests
 from django.core.files.storage import default_storage
 
 from media_app.models import MediaItem, MediaStatus
-from media_app.services import media_item_create, media_status_report, renditions_replace
+from media_app.services import media_item_create, renditions_replace
 from media_app.uploads import staging_path
 from tests.media_app.test_api_support import HTML_AS_MP4, create, error_of
+from tests.states import set_state
 
 pytest_plugins = ["tests.s3", "tests.media_app.test_api_support"]
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("api_isolation")]
@@ -108,7 +109,7 @@ def test_download_urls_are_s3_presigned_gets_that_serve_ranges(api, s3_storage):
         item_id=item.pk,
         renditions=[{"role": "audio", "storage_key": key, "content_type": "audio/webm", "bytes": len(data)}],
     )
-    media_status_report(item_id=item.pk, status=MediaStatus.COMPLETED)
+    set_state(item_id=item.pk, status=MediaStatus.COMPLETED)
     [out] = client.get(f"/api/media/{item.pk}").json()["outputs"]
     assert out["url"].startswith(f"{s3_storage.server.url}/{s3_storage.name}/{key}?")
     whole = requests.get(out["url"], timeout=30)
@@ -139,12 +140,12 @@ def test_an_s3_upload_is_processed_to_completed_with_outputs_in_the_bucket(
     body = _create_and_put(client, s3_storage, clip.read_bytes())
     with django_capture_on_commit_callbacks(execute=True):
         assert client.post(f"/api/media/{body['id']}/complete").status_code == 202
-    [(name, args, _)] = sent.for_item(body["id"])
+    [(name, args, task_id)] = sent.for_item(body["id"])
 
     # What the worker would do with that message, here, against the same bucket.
     monkeypatch.setattr(app.conf, "task_always_eager", True)
     assert name == process.name
-    process.apply(args=args)
+    process.apply(args=args, task_id=task_id)
 
     item = MediaItem.objects.get(pk=body["id"])
     assert item.status == MediaStatus.COMPLETED, (item.error_code, item.error_message, item.error_detail[-2000:])

@@ -20,6 +20,7 @@ from django.core.files.storage import FileSystemStorage, default_storage
 from django.test import Client, RequestFactory
 
 from media_app.api.signing import dash_url, download_url
+from tests.states import set_state
 
 pytestmark = pytest.mark.django_db
 
@@ -156,7 +157,7 @@ def test_downloads_carry_the_type_of_their_extension_when_stored_without_one(sto
 
 def test_the_item_detail_gives_a_manifest_url_whose_relative_segments_play(storage, make_user):
     from media_app.models import MediaStatus
-    from media_app.services import media_item_create, media_status_report, output_key_for, renditions_replace
+    from media_app.services import media_item_create, output_key_for, renditions_replace
 
     user = make_user()
     item = media_item_create(owner=user, original_name="clip.mp4", size=10)
@@ -172,7 +173,7 @@ def test_the_item_detail_gives_a_manifest_url_whose_relative_segments_play(stora
             {"role": "video", "storage_key": output_key_for(item.pk, "media.webm"), "content_type": "video/webm"},
         ],
     )
-    media_status_report(item_id=item.pk, status=MediaStatus.COMPLETED)
+    set_state(item_id=item.pk, status=MediaStatus.COMPLETED)
     client = Client()
     client.force_login(user)
     outputs = {o["role"]: o for o in client.get(f"/api/media/{item.pk}").json()["outputs"]}

@@ -21,9 +21,10 @@ from django_celery_beat.models import PeriodicTask
 from config.celery import app as celery_app
 from media_app.models import MediaItem, StatusEvent
 from media_app.ops import OpsRefused, backup_path, create_processing_task, schedule_recurring_job
-from media_app.services import ErrorReport, media_item_create, media_status_report, renditions_replace
+from media_app.services import ErrorReport, media_item_create, renditions_replace
 from tasks import maintenance
 from tests.env_plugin import ROOT
+from tests.states import set_state
 
 pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 
@@ -51,11 +52,11 @@ def _completed_item(owner: Any, name: str) -> MediaItem:
     default_storage.save(item.source_key, ContentFile(b"src"))
     key = f"outputs/{item.pk}/{name}.webp"
     default_storage.save(key, ContentFile(b"webp"))
-    media_status_report(item_id=item.pk, status="Processing", stage="encode", extra={"kind": "image"})
+    set_state(item_id=item.pk, status="Processing", stage="encode", extra={"kind": "image"})
     renditions_replace(
         item_id=item.pk, renditions=[{"role": "image_webp", "storage_key": key, "content_type": "image/webp"}]
     )
-    media_status_report(item_id=item.pk, status="Completed", stage="", timing=("encode", 1.5))
+    set_state(item_id=item.pk, status="Completed", stage="", timing=("encode", 1.5))
     return item
 
 
@@ -64,7 +65,7 @@ def test_jobs_exist_after_migrate_and_the_backup_restores_into_an_empty_database
     alice, bob = make_user("alice"), make_user("bob")
     done = _completed_item(alice, "photo.jpg")
     failed = media_item_create(owner=bob, original_name="clip.mp4", size=9)
-    media_status_report(
+    set_state(
         item_id=failed.pk,
         status="Failed",
         error=ErrorReport("invalid_input", "The file is damaged.", "moov atom not found"),
@@ -135,7 +136,7 @@ def test_cleanup_removes_work_files_of_gone_and_completed_items_and_keeps_recent
     def item_in(status: str, finished_ago: timedelta | None = None) -> str:
         item = media_item_create(owner=owner, original_name=f"{status}.mp4")
         extra = {"finished_at": timezone.now() - finished_ago} if finished_ago else None
-        media_status_report(item_id=item.pk, status=status, extra=extra)
+        set_state(item_id=item.pk, status=status, extra=extra)
         (tmp_path / str(item.pk) / "demux").mkdir(parents=True)
         return str(item.pk)
 

@@ -17,11 +17,12 @@ from django.utils import timezone
 
 from config.celery import app as celery_app
 from media_app.models import MediaItem, StatusEvent
-from media_app.services import media_item_create, media_processing_start, media_status_report
+from media_app.services import media_item_create, media_processing_start
 from tasks import workspace
 from tasks.maintenance import Snapshot, take_snapshot, watchdog_run
 from tests.conftest import RUN_DIR, wait_for
 from tests.media import lavfi_video
+from tests.states import set_state
 
 pytestmark = pytest.mark.postgres
 
@@ -44,10 +45,10 @@ def broker(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
 def _item(make_user: Any, status: str, *, quiet_for: float, attempts: int = 1, task_id: str = "t-1") -> MediaItem:
     item = media_item_create(owner=make_user(), original_name=f"{status}.mp4")
     stage = "encode" if status == "Processing" else ""
-    media_status_report(item_id=item.pk, status=status, stage=stage, attempts=attempts, extra={"kind": "video"})
-    MediaItem.objects.filter(pk=item.pk).update(
-        task_id=task_id, updated_at=timezone.now() - timedelta(seconds=quiet_for)
-    )
+    set_state(item_id=item.pk, status=status, stage=stage, attempts=attempts, extra={"kind": "video"})
+    since = timezone.now() - timedelta(seconds=quiet_for)
+    queued = {"queued_at": since, "upload_finished_at": since} if status == "Pending" else {}
+    MediaItem.objects.filter(pk=item.pk).update(task_id=task_id, updated_at=since, **queued)
     item.refresh_from_db()
     return item
 

@@ -39,6 +39,7 @@ class Command(BaseCommand):
         self._embedded_mode()
         owner, _ = get_user_model().objects.get_or_create(username=options["owner"])
 
+        from media_app import lifecycle
         from media_app.models import MediaStatus
         from media_app.services import media_item_create, media_item_store_source
         from tasks.stages import process
@@ -49,7 +50,9 @@ class Command(BaseCommand):
             item = media_item_create(owner=owner, original_name=path.name, size=path.stat().st_size)
             with open(path, "rb") as fh:
                 media_item_store_source(item=item, fileobj=fh)
-            process.apply(args=[str(item.pk)])
+            lifecycle.upload_finished(item_id=item.pk)
+            task_id = lifecycle.queued(item_id=item.pk, send=False)
+            process.apply(args=[str(item.pk)], task_id=task_id)
             item.refresh_from_db()
             failed |= item.status != MediaStatus.COMPLETED
             report = _report(path, item, time.monotonic() - started)

@@ -1,0 +1,440 @@
+"""The life of a MediaItem: every transition of its state, and the only code that writes it.
+
+Each transition is one conditional ``UPDATE … WHERE <the states it may start from>``: it applies
+or changes nothing, and says which. When it applies it writes its history row and broadcasts the
+new state through ``transaction.on_commit``, so a watcher never sees a state that is then rolled
+back, and work it queues is sent only once the state that explains it is committed. No other
+module writes ``status``, ``stage``, ``progress``, ``attempts``, ``queued_at``,
+``upload_finished_at`` or the error fields (``tests/media_app/test_lifecycle_ownership.py``
+checks).
+
+The state table (``docs/decisions.md`` gives the race each guard closes)::
+
+    transition        applies from                                  to
+    upload_finished   Pending, upload open                          Pending, upload finished
+    queued            Pending, upload finished, not queued          Pending, queued; task sent after commit
+    chain_started     Pending, queued under this very task id       Pending, task id of the chain's first link
+    stage_started     Pending queued, or Processing                 Processing at the stage, attempt n
+    stage_finished    Processing at that stage                      progress at the stage's end
+    progressed        Processing, below that progress               that progress (no history row)
+    completed         Processing                                    Completed, 100 %
+    failed            Pending or Processing                         Failed with a reason
+    cancelled         Pending or Processing                         Failed/cancelled; its task killed after commit
+    reset             Failed (retry), Completed or Failed (reprocess)  Pending, upload finished, not queued
+    requeued          Pending queued or Processing, unchanged       same state, new task id; sent after commit
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Case, DateTimeField, F, Q, Value, When
+from django.db.models.functions import Coalesce, Greatest
+from django.utils import timezone
+
+from media_app import jobs
+from media_app.models import FINAL_STATUSES, MediaItem, MediaStatus, StatusEvent
+
+logger = logging.getLogger("media_app.lifecycle")
+
+PENDING, PROCESSING, COMPLETED, FAILED = (
+    MediaStatus.PENDING,
+    MediaStatus.PROCESSING,
+    MediaStatus.COMPLETED,
+    MediaStatus.FAILED,
+)
+NOT_FINAL = Q(status__in=(PENDING, PROCESSING))
+QUEUED = Q(status=PENDING, queued_at__isnull=False)
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    code: str
+    message: str
+    detail: str = ""
+
+
+# --- broadcast ------------------------------------------------------------------------------------
+
+
+def item_group(item_id: Any) -> str:
+    return f"media.{item_id}"
+
+
+def owner_group(owner_id: Any) -> str:
+    return f"media.owner.{owner_id}"
+
+
+def broadcast(item: MediaItem) -> None:
+    """Send the item's state to its watchers. Best effort: the saved state is the truth."""
+    from media_app.selectors import media_item_payload
+
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    event = {"type": "media.status", "item": media_item_payload(item)}
+    try:
+        # One trip into the event loop for both groups: each async_to_sync call from a worker
+        # starts a loop and a Redis connection of its own (a third of the worker's Python CPU).
+        async_to_sync(_group_send_all)(layer, (item_group(item.pk), owner_group(item.owner_id)), event)
+    except Exception:
+        logger.warning("broadcast failed for %s", item.pk, exc_info=True)
+
+
+async def _group_send_all(layer: Any, groups: Iterable[str], event: dict[str, Any]) -> None:
+    for group in groups:
+        await layer.group_send(group, event)
+
+
+# --- the one way to change an item --------------------------------------------------------------
+
+
+def _apply(
+    item_id: Any,
+    where: Q,
+    changes: dict[str, Any],
+    *,
+    message: str = "",
+    error_code: str = "",
+    history: bool = True,
+    after_commit: Callable[[MediaItem], None] | None = None,
+) -> MediaItem | None:
+    """One conditional UPDATE; on success a history row and, after commit, ``after_commit`` and
+    the broadcast. Returns the item as updated, or None when the item is not in a state ``where``
+    allows (or is gone)."""
+    with transaction.atomic():
+        applied = MediaItem.objects.filter(Q(pk=item_id) & where).update(
+            **changes, event_seq=F("event_seq") + 1, updated_at=timezone.now()
+        )
+        if not applied:
+            return None
+        item = MediaItem.objects.get(pk=item_id)
+        if history:
+            StatusEvent.objects.create(
+                item=item,
+                status=item.status,
+                stage=item.stage,
+                progress=item.progress,
+                attempt=item.attempts,
+                error_code=error_code,
+                message=message,
+            )
+        if after_commit is not None:
+            transaction.on_commit(lambda: after_commit(item))
+        transaction.on_commit(lambda: broadcast(item))
+    return item
+
+
+def _now_if_unset(field: str) -> Coalesce:
+    return Coalesce(F(field), Value(timezone.now(), output_field=DateTimeField()))
+
+
+# --- upload --------------------------------------------------------------------------------------
+
+
+def created(
+    *, owner: Any, original_name: str, size: int, declared_content_type: str, source_key: Callable[[Any], str]
+) -> MediaItem:
+    """A new Pending item with an open upload (its state is the model's defaults), and the first
+    line of its history. ``source_key(item_id)`` names where its bytes will be stored."""
+    item = MediaItem(owner=owner, original_name=original_name, size=size)
+    item.declared_content_type = declared_content_type
+    item.source_key = source_key(item.pk)
+    with transaction.atomic():
+        item.save()
+        StatusEvent.objects.create(item=item, status=item.status, message="Created")
+    return item
+
+
+def upload_finished(
+    *, item_id: Any, kind: str = "", content_type: str = "", info: dict[str, Any] | None = None
+) -> bool:
+    """The last byte is stored and its type checked; from now on no byte may arrive."""
+    changes: dict[str, Any] = {"upload_finished_at": timezone.now()}
+    if kind:
+        changes["kind"] = kind
+    if content_type:
+        changes["detected_content_type"] = content_type
+    if info:
+        changes["media_info"] = info
+    where = Q(status=PENDING, upload_finished_at__isnull=True)
+    return _apply(item_id, where, changes, message="Upload finished") is not None
+
+
+def queued(*, item_id: Any, message: str = "Queued", send: bool = True) -> str | None:
+    """Queue processing once: the entry task's id is saved, then the task is sent after commit
+    (``send=False``: the caller runs it itself, as ``manage.py process`` does, in process).
+    Returns that id, or None if the item was not waiting to be queued (already queued, say)."""
+    task_id = str(uuid.uuid4())
+    where = Q(status=PENDING, upload_finished_at__isnull=False, queued_at__isnull=True)
+    item = _apply(
+        item_id,
+        where,
+        {"queued_at": timezone.now(), "task_id": task_id},
+        message=message,
+        after_commit=(lambda it: jobs.send(jobs.PROCESS_TASK, it.pk, task_id=task_id)) if send else None,
+    )
+    return task_id if item is not None else None
+
+
+def finish_upload_and_queue(
+    *, item_id: Any, kind: str = "", content_type: str = "", info: dict[str, Any] | None = None
+) -> bool:
+    """Upload finished and queued, in one transaction: of two concurrent completes one wins."""
+    with transaction.atomic():
+        if not upload_finished(item_id=item_id, kind=kind, content_type=content_type, info=info):
+            return False
+        return queued(item_id=item_id) is not None
+
+
+# --- processing ----------------------------------------------------------------------------------
+
+
+def chain_started(*, item_id: Any, entry_task_id: str, first_task_id: str, detected: dict[str, Any]) -> bool:
+    """The entry task, delivered under the id the item was queued with, hands over to its chain.
+
+    A second delivery of the entry task (or an old one the watchdog replaced) does not match the
+    saved id and starts nothing: one chain per run.
+    """
+    where = Q(status=PENDING, queued_at__isnull=False, task_id=entry_task_id)
+    changes = {"task_id": first_task_id, **detected}
+    return _apply(item_id, where, changes, history=False) is not None
+
+
+def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int) -> int | None:
+    """A stage task begins: Processing at ``stage``. Returns the delivery number of this stage
+    (counted in the database, so a delivery whose worker was SIGKILLed still counts), or None
+    when the item is final (cancelled, failed, completed) or gone: the stage must not run."""
+    now = timezone.now()
+    changes = {
+        "attempts": Case(When(Q(status=PROCESSING, stage=stage), then=F("attempts") + 1), default=Value(1)),
+        "status": PROCESSING,
+        "stage": stage,
+        "progress": Greatest(F("progress"), Value(min(progress, 99))),
+        "task_id": task_id,
+        "eta_seconds": None,
+        "queued_at": None,
+        "started_at": Coalesce(F("started_at"), Value(now, output_field=DateTimeField())),
+        "finished_at": None,
+    }
+    with transaction.atomic():
+        # The message needs the attempt number, known only after the update: written below.
+        item = _apply(item_id, QUEUED | Q(status=PROCESSING), changes, history=False)
+        if item is None:
+            return None
+        attempt = item.attempts
+        StatusEvent.objects.create(
+            item=item,
+            status=item.status,
+            stage=stage,
+            progress=item.progress,
+            attempt=attempt,
+            message=f"{stage} started" + (f" (attempt {attempt})" if attempt > 1 else ""),
+        )
+    return attempt
+
+
+def stage_finished(
+    *, item_id: Any, stage: str, progress: int, seconds: float | None = None, peak_child_rss: int = 0
+) -> bool:
+    """A stage's result is committed: progress moves to its end. False if the item was cancelled
+    (or finished) meanwhile: the chain must stop."""
+    with transaction.atomic():
+        row = (
+            MediaItem.objects.select_for_update()
+            .filter(pk=item_id, status=PROCESSING, stage=stage)
+            .values("timings")
+            .first()
+        )
+        if row is None:
+            return False
+        changes: dict[str, Any] = {
+            "progress": Greatest(F("progress"), Value(min(progress, 99))),
+            "peak_child_rss": Greatest(F("peak_child_rss"), Value(peak_child_rss)),
+        }
+        if seconds is not None:
+            changes["timings"] = {**(row["timings"] or {}), stage: round(seconds, 3)}
+        message = "" if seconds is not None else f"{stage} skipped: already done"
+        item = _apply(item_id, Q(status=PROCESSING, stage=stage), changes, message=message, history=seconds is None)
+        return item is not None
+
+
+_last_progress: dict[str, float] = {}
+
+
+def progressed(*, item_id: Any, progress: int, eta_seconds: float | None = None) -> bool:
+    """Progress within a stage, throttled to MEDIA_PROGRESS_PER_SECOND saves+broadcasts per item;
+    never backwards, never 100 (that is Completed)."""
+    key = str(item_id)
+    now = time.monotonic()
+    if now - _last_progress.get(key, 0.0) < 1.0 / settings.MEDIA_PROGRESS_PER_SECOND:
+        return False
+    _last_progress[key] = now
+    progress = min(int(progress), 99)
+    where = Q(status=PROCESSING, progress__lt=progress)
+    return _apply(item_id, where, {"progress": progress, "eta_seconds": eta_seconds}, history=False) is not None
+
+
+def completed(*, item_id: Any) -> bool:
+    """The chain's last link: Completed, 100 %. Never over a cancel or a failure."""
+    changes = {
+        "status": COMPLETED,
+        "stage": "",
+        "progress": 100,
+        "eta_seconds": None,
+        "finished_at": timezone.now(),
+    }
+    return _apply(item_id, Q(status=PROCESSING), changes, message="Completed") is not None
+
+
+def failed(*, item_id: Any, error: ErrorReport, message: str = "", source_gone: bool = False) -> bool:
+    """Failed with a reason a person can read. Never over a cancel, a completion or an earlier
+    failure: the first reason stands. ``source_gone``: the upload's bytes were dropped."""
+    changes: dict[str, Any] = {
+        "status": FAILED,
+        "error_code": error.code,
+        "error_message": error.message,
+        "error_detail": error.detail[-20000:],
+        "eta_seconds": None,
+        "queued_at": None,
+        "finished_at": timezone.now(),
+    }
+    if source_gone:
+        changes["source_key"] = ""
+    item = _apply(item_id, NOT_FINAL, changes, message=message or error.message, error_code=error.code)
+    return item is not None
+
+
+def cancelled(*, item_id: Any, message: str, code: str = "cancelled") -> bool:
+    """Stop a Pending or Processing item: Failed/cancelled, and after commit its current task is
+    revoked with SIGKILL (its ffmpeg dies with it).
+
+    The row lock orders this against ``stage_started``: either the stage starts first, saves its
+    task id and that id is the one killed, or the cancel commits first and the stage never runs.
+    """
+    with transaction.atomic():
+        row = MediaItem.objects.select_for_update().filter(Q(pk=item_id) & NOT_FINAL).values("task_id").first()
+        if row is None:
+            return False
+        task_id = row["task_id"]
+        changes = {
+            "status": FAILED,
+            "error_code": code,
+            "error_message": message,
+            "error_detail": "",
+            "eta_seconds": None,
+            "queued_at": None,
+            "finished_at": timezone.now(),
+        }
+        item = _apply(
+            item_id,
+            NOT_FINAL,
+            changes,
+            message=message,
+            error_code=code,
+            after_commit=lambda _it: jobs.revoke(task_id),
+        )
+    logger.info("cancelled item=%s task=%s", item_id, task_id)
+    return item is not None
+
+
+def _reset(item_id: Any, from_statuses: Iterable[str], *, message: str, from_scratch: bool) -> bool:
+    changes: dict[str, Any] = {
+        "status": PENDING,
+        "stage": "",
+        "progress": 0,
+        "attempts": 0,
+        "error_code": "",
+        "error_message": "",
+        "error_detail": "",
+        "eta_seconds": None,
+        "task_id": "",
+        "queued_at": None,
+        "finished_at": None,
+        # An upload refused half-way has no finished time; a retry needs its bytes anyway.
+        "upload_finished_at": _now_if_unset("upload_finished_at"),
+    }
+    if from_scratch:
+        changes |= {"timings": {}, "started_at": None, "peak_child_rss": 0}
+    return _apply(item_id, Q(status__in=tuple(from_statuses)), changes, message=message) is not None
+
+
+def retried(*, item_id: Any, message: str = "Retry requested") -> bool:
+    """A Failed item back to Pending and queued, resuming after its finished stages. Of two
+    concurrent retries one applies: the other finds it Pending, and nothing is queued twice."""
+    with transaction.atomic():
+        if not _reset(item_id, (FAILED,), message=message, from_scratch=False):
+            return False
+        return queued(item_id=item_id) is not None
+
+
+def reprocessed(*, item_id: Any, message: str) -> bool:
+    """A finished item (Completed or Failed) queued again from scratch, stage timings forgotten."""
+    with transaction.atomic():
+        if not _reset(item_id, FINAL_STATUSES, message=message, from_scratch=True):
+            return False
+        return queued(item_id=item_id) is not None
+
+
+def requeued(
+    *,
+    item_id: Any,
+    seen_updated_at: datetime,
+    reason: str,
+    kill: Iterable[str] = (),
+    send: Callable[[MediaItem, str], None] | None = None,
+) -> str:
+    """The watchdog's action on a stalled or lost item: queued again, or failed ``stalled`` once
+    its stage had every attempt. Applies only if the item did not move since the watchdog looked
+    (``seen_updated_at``): a late stage finish wins over a requeue, and the requeue then does
+    nothing. The ``kill`` tasks (a hung stage) are revoked first, after commit; then
+    ``send(item, task_id)`` queues the work (default: ``media.process``). Returns requeued,
+    failed or moved."""
+    kill = tuple(kill)
+    with transaction.atomic():
+        item = MediaItem.objects.select_for_update().filter(pk=item_id).first()
+        if item is None or item.is_final or item.updated_at != seen_updated_at:
+            return "moved"
+        if item.status == PROCESSING and item.attempts >= settings.MEDIA_MAX_ATTEMPTS:
+            report = ErrorReport(
+                "stalled",
+                "Processing stopped making progress and was given up after several attempts.",
+                f"watchdog: {reason}; stage {item.stage} had {item.attempts} attempts",
+            )
+            failed(item_id=item_id, error=report)
+            transaction.on_commit(lambda: jobs.revoke(kill))
+            logger.warning("watchdog failed item=%s stage=%s: %s", item_id, item.stage, reason)
+            return "failed"
+        task_id = str(uuid.uuid4())
+        resend = send or (lambda it, tid: jobs.send(jobs.PROCESS_TASK, it.pk, task_id=tid))
+        where = NOT_FINAL & Q(updated_at=seen_updated_at)
+        changes: dict[str, Any] = {"task_id": task_id}
+        if item.status == PENDING:
+            changes["queued_at"] = timezone.now()
+
+        def after_commit(it: MediaItem) -> None:
+            jobs.revoke(kill)  # the hung copy first, then the new one
+            resend(it, task_id)
+
+        applied = _apply(
+            item_id, where, changes, message=f"Watchdog: {reason}; queued again", after_commit=after_commit
+        )
+    if applied is None:  # pragma: no cover - the row lock above makes this impossible
+        return "moved"
+    logger.warning("watchdog requeued item=%s stage=%s: %s", item_id, item.stage, reason)
+    return "requeued"
+
+
+def noted(*, item_id: Any, message: str) -> bool:
+    """A line in the item's history (why it was queued, say) without a change of state."""
+    return _apply(item_id, Q(), {}, message=message) is not None
