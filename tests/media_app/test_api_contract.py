@@ -8,6 +8,8 @@ undocumented answer, a page object documented as a list.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
@@ -22,14 +24,18 @@ from urllib.parse import urljoin, urlparse
 
 import pytest
 import requests
+import schemathesis
 from django.conf import settings
 from django.core.cache import caches
 from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from media_app.models import MediaItem
+from media_app.services import media_item_create
 from tests.conftest import AsgiServer
 from tests.env_plugin import ROOT, RUN_DIR
+from tests.media_app.test_authz_matrix import completed_item
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -106,6 +112,77 @@ def test_the_list_answers_the_documented_page_object(make_user):
     documented = schema()["components"]["schemas"]["MediaPageOutput"]
     assert set(page) == set(documented["properties"]) == set(documented["required"])
     assert page == {"count": 0, "next": None, "previous": None, "results": []}
+
+
+def test_answers_the_fuzzer_cannot_reach_are_the_documented_ones(asgi_server, make_user):
+    """A fuzzer makes no real media file, so it never sees a Completed item, a stored upload or a
+    served file: those answers are checked against the schema here, from the live server."""
+    raw = requests.get(f"{asgi_server.url}/api/schema/", headers={"Accept": "application/vnd.oai.openapi+json"})
+    described = raw.json()
+    api = schemathesis.openapi.from_dict(described)
+    user = make_user()
+    auth = {"Authorization": f"Token {token_for(user)}"}
+    url = asgi_server.url
+
+    def check(path: str, method: str, response: requests.Response, status: int) -> requests.Response:
+        assert response.status_code == status, (method, path, response.text[:300])
+        assert str(status) in described["paths"][path][method.lower()]["responses"], (method, path, status)
+        api[path][method].validate_response(response)  # the body (and its type) against the schema
+        return response
+
+    photo = _jpeg()
+    body = {"file_name": "photo.jpg", "size": len(photo), "content_type": "image/jpeg"}
+    created = check("/api/media/", "POST", requests.post(f"{url}/api/media/", json=body, headers=auth), 201).json()
+    check("/api/media/{item_id}", "GET", requests.get(f"{url}/api/media/{created['id']}", headers=auth), 200)
+    check("/api/uploads/{token}", "PUT", requests.put(created["upload"]["url"], data=photo), 200)
+    check(
+        "/api/media/{item_id}/retry", "POST", requests.post(f"{url}/api/media/{created['id']}/retry", headers=auth), 409
+    )
+
+    tus = {**auth, "Tus-Resumable": "1.0.0"}
+    meta = "filename " + base64.b64encode(b"song.flac").decode()
+    made = check(
+        "/api/tus/",
+        "POST",
+        requests.post(f"{url}/api/tus/", headers={**tus, "Upload-Length": "8", "Upload-Metadata": meta}),
+        201,
+    )
+    location = made.headers["Location"]
+    chunk = {**tus, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+    check("/api/tus/{item_id}", "PATCH", requests.patch(location, data=b"fLaC", headers=chunk), 204)
+    check("/api/tus/{item_id}", "HEAD", requests.head(location, headers=tus), 200)
+    check("/api/tus/{item_id}", "PATCH", requests.patch(location, data=b"x", headers=chunk), 409)
+    check("/api/tus/{item_id}", "OPTIONS", requests.options(location), 204)
+    check("/api/tus/", "OPTIONS", requests.options(f"{url}/api/tus/"), 204)
+    check("/api/tus/{item_id}", "DELETE", requests.delete(location, headers=tus), 204)
+    check("/api/tus/{item_id}", "HEAD", requests.head(location, headers=tus), 404)
+
+    done = completed_item(user, {"video.webm": b"webm" * 100, "dash/manifest.mpd": b"<MPD/>", "dash/init-0.m4s": b"i"})
+    failed = media_item_create(owner=user, original_name="bad.jpg", size=3)
+    MediaItem.objects.filter(pk=failed.pk).update(status="Failed", error_code="invalid_input", error_message="Damaged.")
+    detail = check("/api/media/{item_id}", "GET", requests.get(f"{url}/api/media/{done.pk}", headers=auth), 200).json()
+    check("/api/media/{item_id}", "GET", requests.get(f"{url}/api/media/{failed.pk}", headers=auth), 200)
+    check("/api/media/", "GET", requests.get(f"{url}/api/media/?page_size=1", headers=auth), 200)
+    check("/api/media/", "GET", requests.get(f"{url}/api/media/?page=99", headers=auth), 404)
+    outputs = {o["role"]: o["url"] for o in detail["outputs"]}
+    check("/api/files/{token}", "GET", requests.get(outputs["video"]), 200)
+    check("/api/files/{token}", "GET", requests.get(outputs["video"], headers={"Range": "bytes=0-9"}), 206)
+    check("/api/files/{token}", "GET", requests.get(outputs["video"], headers={"Range": "bytes=9999-"}), 416)
+    check("/api/files/{token}", "HEAD", requests.head(outputs["video"]), 200)
+    check("/api/dash/{token}/{name}", "GET", requests.get(outputs["manifest"]), 200)
+    check("/api/dash/{token}/{name}", "GET", requests.get(outputs["manifest"].rsplit("/", 1)[0] + "/init-0.m4s"), 200)
+    check("/api/dash/{token}/{name}", "GET", requests.get(outputs["manifest"].rsplit("/", 1)[0] + "/nope.m4s"), 404)
+    check("/api/media/{item_id}", "DELETE", requests.delete(f"{url}/api/media/{done.pk}", headers=auth), 204)
+    check("/api/media/{item_id}", "GET", requests.get(f"{url}/api/media/{done.pk}", headers=auth), 404)
+    check("/api/media/{item_id}", "GET", requests.get(f"{url}/api/media/{done.pk}"), 401)
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), "teal").save(out, "JPEG")
+    return out.getvalue()
 
 
 # --- the server refuses what the schema refuses -------------------------------------------------
