@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
+from celery.signals import setup_logging
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
@@ -15,6 +17,15 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 app = Celery("cpc_media")
 app.config_from_object("django.conf:settings", namespace="CELERY")
+
+
+@setup_logging.connect
+def _django_logging(**_: Any) -> None:
+    """Workers and beat log through Django's LOGGING (one format and level, LOG_LEVEL, for every
+    process); connecting this signal stops Celery from installing handlers of its own."""
+    import logging.config
+
+    logging.config.dictConfig(settings.LOGGING)
 
 
 def _check_visibility_timeout() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 
 import av
@@ -46,6 +47,27 @@ def test_image_upload_is_processed_by_the_worker(celery_worker, make_item, tmp_p
         (rendition,) = roles[role]
         with default_storage.open(rendition.storage_key) as fh, Image.open(fh) as img:
             assert img.format == fmt and img.size == (800, 600)
+
+
+def test_each_stage_logs_one_json_line_through_django_logging(celery_worker, make_item, tmp_path):
+    """An operator greps or ships the worker log: one JSON object per stage, with its outcome."""
+    item = make_item(drawn_image(tmp_path / "photo.jpg", size=(320, 240)))
+    assert media_processing_start(item=item)
+    wait_for(lambda: _finished(item), timeout=60, what="the image to finish")
+
+    def stage_lines() -> list[dict]:
+        found = []
+        for line in celery_worker.log.read_text(errors="replace").splitlines():
+            start = line.find("{")
+            if "tasks.stages" in line and start >= 0 and str(item.pk) in line:
+                found.append(json.loads(line[start:]))
+        return found if len(found) >= 4 else []
+
+    lines = wait_for(stage_lines, timeout=10, what="the stage log lines")
+    assert [entry["stage"] for entry in lines] == ["decode", "normalize", "encode", "store"]
+    for entry in lines:
+        assert entry["item"] == str(item.pk) and entry["attempt"] == 1 and entry["outcome"] == "done"
+        assert isinstance(entry["seconds"], float) and entry["seconds"] >= 0
 
 
 def test_video_chain_runs_every_stage_in_order_with_rising_progress(celery_worker, make_item, tmp_path):

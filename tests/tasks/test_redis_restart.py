@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
+from django.utils import timezone
 
 from media_app.models import MediaItem, MediaStatus, StatusEvent
 from tests.conftest import _subprocess_env, wait_for
@@ -131,7 +132,8 @@ def test_twenty_items_survive_a_redis_restart_with_nothing_lost_or_doubled(
         for item in items:
             # What media_processing_start does, sent to this test's own broker.
             task_id = str(uuid.uuid4())
-            MediaItem.objects.filter(pk=item.pk).update(task_id=task_id)
+            now = timezone.now()
+            MediaItem.objects.filter(pk=item.pk).update(task_id=task_id, upload_finished_at=now, queued_at=now)
             app.send_task("media.process", args=[str(item.pk)], task_id=task_id, queue="default")
 
         wait_for(lambda: _statuses()[MediaStatus.PENDING] <= 16, timeout=90, what="the first items to start")
