@@ -93,11 +93,10 @@ def storage_delete_tree(prefix: str) -> None:
 
 
 def media_item_remove_files(item: MediaItem, *, source: bool) -> None:
-    """Remove an item's outputs (and with ``source`` its upload) from storage, and its work files.
-
-    Work files are removed where this machine sees them (WORK_ROOT may be per host)."""
+    """Remove an item's outputs and stage files (and with ``source`` its upload) from storage,
+    and this host's cache of its stage files (other hosts' caches go with the cleanup job)."""
     keys = set(item.renditions.values_list("storage_key", flat=True))
-    prefixes = [f"outputs/{item.pk}"]
+    prefixes = [f"outputs/{item.pk}", f"work/{item.pk}"]
     if source:
         keys.add(item.source_key)
         prefixes.append(f"uploads/{item.pk}")

@@ -27,6 +27,7 @@ from typing import Any
 
 from celery import chain, current_app, shared_task
 from django.conf import settings
+from django.core.files.storage import default_storage
 from django.db.models import Q
 from django.utils import timezone
 
@@ -34,6 +35,7 @@ from media_app import jobs, lifecycle
 from media_app.jobs import PROCESS_TASK
 from media_app.models import MediaItem, MediaStatus
 from media_app.ops import backup_write
+from media_app.services import storage_delete_tree
 from media_app.uploads import uploads_expire
 from tasks import bindings, workspace
 from tasks.stages import chain_links
@@ -75,36 +77,45 @@ def watchdog() -> dict[str, list[str]]:
 
 
 def work_dirs_cleanup(*, now: datetime | None = None) -> list[str]:
-    """Remove WORK_ROOT/<item> of items that are gone or Completed, and of items Failed long ago.
+    """Remove the stage files (in storage, and this host's cache in WORK_ROOT) of items that are
+    gone or Completed, and of items Failed long ago.
 
-    A Failed item keeps its stage directories for WORK_FAILED_KEEP_SECONDS, so Retry can resume
-    at the failed stage instead of starting over; after that its disk is worth more.
+    A Failed item keeps its stage files for WORK_FAILED_KEEP_SECONDS, so Retry can resume at the
+    failed stage instead of starting over; after that its storage is worth more. Every worker
+    host runs this job's queue, so each host's cache is swept by the beat that reaches it.
     """
     now = now or timezone.now()
-    root = Path(settings.WORK_ROOT)
-    if not root.is_dir():
-        return []
     keep_failed_after = now - timedelta(seconds=settings.WORK_FAILED_KEEP_SECONDS)
-    removed = []
-    for path in root.iterdir():
-        if not path.is_dir() or not _UUID.fullmatch(path.name):
-            continue
-        item = MediaItem.objects.filter(pk=path.name).values("status", "finished_at", "updated_at").first()
+
+    def stale(item_id: str, orphan_since: float | None) -> bool:
+        item = MediaItem.objects.filter(pk=item_id).values("status", "finished_at", "updated_at").first()
         if item is None:
-            # The row may be created a moment before its first stage: only old orphans go.
-            stale = path.stat().st_mtime < (now - timedelta(hours=1)).timestamp()
-        elif item["status"] == MediaStatus.COMPLETED:
-            stale = True
-        elif item["status"] == MediaStatus.FAILED:
-            stale = (item["finished_at"] or item["updated_at"]) < keep_failed_after
-        else:
-            stale = False
-        if stale:
+            # A cache folder may be made a moment before its item row is visible here: only old
+            # orphans go. Stored stage files exist only for items that ran a stage.
+            return orphan_since is None or orphan_since < (now - timedelta(hours=1)).timestamp()
+        if item["status"] == MediaStatus.COMPLETED:
+            return True
+        if item["status"] == MediaStatus.FAILED:
+            return bool((item["finished_at"] or item["updated_at"]) < keep_failed_after)
+        return False
+
+    removed: set[str] = set()
+    root = Path(settings.WORK_ROOT)
+    for path in root.iterdir() if root.is_dir() else ():
+        if path.is_dir() and _UUID.fullmatch(path.name) and stale(path.name, path.stat().st_mtime):
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
+            removed.add(path.name)
+    try:
+        stored, _ = default_storage.listdir(workspace.WORK_PREFIX)
+    except (FileNotFoundError, NotADirectoryError):
+        stored = []
+    for name in stored:
+        if _UUID.fullmatch(name) and (name in removed or stale(name, None)):
+            storage_delete_tree(workspace.stored_prefix(name))
+            removed.add(name)
     if removed:
-        logger.info("work dirs removed=%d", len(removed))
-    return removed
+        logger.info("work files removed items=%d", len(removed))
+    return sorted(removed)
 
 
 # --- watchdog ------------------------------------------------------------------------------------

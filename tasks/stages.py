@@ -23,6 +23,7 @@ from django.core.files.storage import default_storage
 
 from media_app import lifecycle
 from media_app.models import MediaItem, MediaStatus
+from media_app.services import storage_delete_tree
 from pipelines.detect import Detected
 from pipelines.errors import MediaError
 from pipelines.probe import MediaInfo
@@ -97,7 +98,8 @@ class StageContext:
         return detected_from(self.item.media_info)
 
     def dir(self, stage: str) -> Path:
-        return workspace.stage_dir(self.item_id, stage)
+        """An earlier stage's folder on this host (fetched from storage after a hop)."""
+        return workspace.local_stage(self.item_id, stage)
 
     def result(self, stage: str, cls: type[Any]) -> Any:
         return workspace.load_result(self.item_id, stage, cls)
@@ -168,7 +170,7 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     ctx = StageContext(item, stage, tmp, span)
     try:
         result = bindings.run(ctx)
-        workspace.commit_stage(item_id, stage, tmp, result)
+        stored = workspace.commit_stage(item_id, stage, tmp, result)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.monotonic() - started
@@ -178,7 +180,16 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     applied = lifecycle.stage_finished(
         item_id=item_id, stage=stage, progress=int(span[1]), seconds=seconds, peak_child_rss=peak
     )
-    log_stage(item_id, stage, attempt, seconds, "done" if applied else "stopped", peak_child_mb=round(peak / 2**20))
+    log_stage(
+        item_id,
+        stage,
+        attempt,
+        seconds,
+        "done" if applied else "stopped",
+        peak_child_mb=round(peak / 2**20),
+        stored_bytes=stored,
+        worker=task.request.hostname or "",
+    )
     if not applied:
         raise Ignore()  # cancelled while it ran: its result stays on disk, the chain stops here
     return {"stage": stage, "skipped": False, "seconds": seconds}
@@ -200,6 +211,7 @@ def finish(self: Task, item_id: str) -> None:
     """The chain's last link: mark Completed and drop the work files."""
     if lifecycle.completed(item_id=item_id):
         workspace.clear(item_id)
+        storage_delete_tree(workspace.stored_prefix(item_id))
 
 
 def chain_links(item: MediaItem) -> list[Any]:
