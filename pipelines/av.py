@@ -31,7 +31,7 @@ from pipelines.probe import MediaInfo, StreamInfo, check_limits, codec_allowed, 
 from pipelines.profiles import Limits, Profiles
 from pipelines.results import Output
 from pipelines.runner import RunResult, ffmpeg_exe, open_input, run_ffmpeg
-from pipelines.sniff import sniff
+from pipelines.sniff import TAGGED, sniff
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,9 @@ def demux(src: Path, out_dir: Path, *, limits: Limits, detected: Detected | None
         if size > limits.max_file_bytes:
             most = limits.max_file_bytes / 1e9
             raise TooLarge(f"The file is {size / 1e9:.1f} GB; we accept at most {most:.1f} GB.")
-        sniffed = detected.sniffed if detected and detected.sniffed else sniff(src)
+        sniffed = detected.sniffed if detected and detected.sniffed else None
+        if sniffed is None or sniffed.container == TAGGED:
+            sniffed = sniff(src)
         if sniffed.kind == "image" or not sniffed.ffmpeg_format:
             raise InvalidInput("The file is an image, not a video or audio file.")
         if detected is not None and detected.info is not None:
@@ -196,7 +198,9 @@ def demux(src: Path, out_dir: Path, *, limits: Limits, detected: Detected | None
         for stream in (video, audio):
             if stream is not None and not codec_allowed(stream):
                 codec = _codec_name(stream.codec)
-                raise UnsupportedCodec(f"The {stream.kind} is encoded with {codec}, which we do not support.")
+                raise UnsupportedCodec(
+                    f"The {stream.kind} in this {sniffed.label} file is encoded with {codec}, which we do not support."
+                )
         check_limits(info, limits)
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +209,8 @@ def demux(src: Path, out_dir: Path, *, limits: Limits, detected: Detected | None
         for stream in (video, audio):
             if stream is not None:
                 maps += ["-map", f"0:{stream.index}"]
-        extra = ("-fflags", "+genpts") if sniffed.container == "avi" else ()
+        # Containers whose packets may lack timestamps, which Matroska needs on every packet.
+        extra = ("-fflags", "+genpts") if sniffed.container in ("avi", "mpeg", "mpegvideo") else ()
         with open_input(src, sniffed.ffmpeg_format) as inp:
             run_ffmpeg(
                 [*inp.args(*extra), *maps, "-c", "copy", "-map_metadata", "-1", "-map_chapters", "-1",

@@ -15,7 +15,7 @@ from pipelines.errors import InvalidInput
 from pipelines.probe import MediaInfo, check_limits, probe
 from pipelines.profiles import Limits
 from pipelines.results import to_json
-from pipelines.sniff import Kind, Sniffed, sniff
+from pipelines.sniff import TAGGED, Kind, Sniffed, sniff
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,9 @@ class Detected:
 
 def detect(path: Path, *, limits: Limits, sniffed: Sniffed | None = None) -> Detected:
     """Sniff (unless the caller already did, on the same bytes) and probe the upload, once."""
-    sniffed = sniffed or sniff(path)
+    if sniffed is None or sniffed.container == TAGGED:
+        # Not sniffed yet, or the web's head ended inside a tag: read past it, in the file itself.
+        sniffed = sniff(path)
     if sniffed.kind == "image":
         return Detected("image", sniffed.mime, None, {"container": sniffed.container}, sniffed)
     info = probe(path, limits=limits, ffmpeg_format=sniffed.ffmpeg_format)

@@ -25,12 +25,16 @@ StreamKind = Literal["video", "audio", "other"]
 
 # Codecs we decode. Everything else, even if this ffmpeg could decode it, is refused by name:
 # fewer decoders reachable from an upload means fewer decoder bugs reachable too.
+# Browsers play few of them; the rest are converted (old phones: H.263 + AMR; Flash: Sorenson
+# Spark, "flv1", an H.263 variant; camcorders: DV, MPEG-2, AC-3, Blu-ray/DVD LPCM; old cameras:
+# MJPEG with IMA ADPCM).
 VIDEO_CODECS = frozenset(
     {"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "msmpeg4v3", "mpeg2video", "mpeg1video", "mjpeg", "prores",
-     "theora", "h263", "vc1", "dnxhd"}
+     "theora", "h263", "flv1", "vc1", "dnxhd", "dvvideo"}
 )  # fmt: skip
 AUDIO_CODECS = frozenset(
-    {"aac", "mp3", "mp2", "opus", "vorbis", "flac", "alac", "ac3", "eac3", "dts", "wavpack"}
+    {"aac", "mp3", "mp2", "mp1", "opus", "vorbis", "flac", "alac", "ac3", "eac3", "dts", "wavpack", "amr_nb",
+     "amr_wb", "pcm_bluray", "pcm_dvd", "adpcm_ima_qt", "adpcm_ima_wav", "adpcm_ms"}
 )  # fmt: skip
 _PCM = re.compile(r"^pcm_(s8|u8|s16le|s16be|s24le|s24be|s32le|s32be|f32le|f32be|f64le|f64be|alaw|mulaw)$")
 

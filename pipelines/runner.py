@@ -34,13 +34,15 @@ from pipelines.errors import (
 )
 from pipelines.profiles import Limits
 from pipelines.sandbox import ChildLimits, apply_rlimits, child_limits
+from pipelines.sniff import FORMATS
 
-# Demuxers an untrusted file may be read with. Everything that can open *other* URLs or files
-# (hls, dash, concat, subfile, image2, tee, data/playlist formats) and every subtitle demuxer is
-# absent: the avi GAB2 subtitle trick and HLS-in-anything payloads need one of those.
-ALLOWED_DEMUXERS: tuple[str, ...] = (
-    "mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "ogg", "mp3", "wav", "flac", "aac",
-)  # fmt: skip
+# Demuxers an untrusted file may be read with: those of the accepted formats' table, nothing
+# else. Everything that can open *other* URLs or files (hls, dash, concat, subfile, image2, tee,
+# data/playlist formats) and every subtitle demuxer is absent: the avi GAB2 subtitle trick and
+# HLS-in-anything payloads need one of those.
+ALLOWED_DEMUXERS: tuple[str, ...] = tuple(
+    dict.fromkeys(name for f in FORMATS if f.ffmpeg_format for name in f.ffmpeg_format.split(","))
+)
 FORMAT_WHITELIST = ",".join(ALLOWED_DEMUXERS)
 
 _STDERR_LINES = 200

@@ -1,4 +1,6 @@
-"""``manage.py process`` on every real sample: each ends Completed with outputs a user can check."""
+"""``manage.py process`` on every real sample, and on files made here of every kind people have
+(issue 15): each ends Completed with outputs a user can check, or refused with a sentence that
+names the format."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 from PIL import Image, ImageOps, ImageStat
 
 from tests.conftest import TESTDATA, run_process_command
+from tests.media import make_media, quicktime_without_ftyp, with_id3
 
 pillow_heif.register_heif_opener()
 REAL = sorted((TESTDATA / "real").iterdir())
@@ -98,3 +101,109 @@ def _check_dash(manifest: str, duration: float) -> None:
                 assert frame.time >= last - 0.001, "segments out of order"
                 last = frame.time
         assert last == pytest.approx(duration, abs=max(1.0, duration * 0.05))
+
+
+# --- files made here: the classes of issue 15 ------------------------------------------------------
+
+_V = ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=2"]
+_A = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=2"]
+_H264 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
+# name: ffmpeg arguments, expected kind, expected duration
+MADE: dict[str, tuple[list[str], str, float]] = {
+    "camcorder.m2ts": ([*_V, *_A, *_H264, "-c:a", "ac3", "-f", "mpegts", "-mpegts_m2ts_mode", "1"], "video", 2.0),
+    "broadcast.ts": ([*_V, *_A, "-c:v", "mpeg2video", "-c:a", "mp2", "-f", "mpegts"], "video", 2.0),
+    "dvd.vob": ([*_V, *_A, "-c:v", "mpeg2video", "-c:a", "ac3", "-f", "vob"], "video", 2.0),
+    "system.mpg": ([*_V, *_A, "-c:v", "mpeg1video", "-c:a", "mp2", "-f", "mpeg"], "video", 2.0),
+    "phone.3gp": (["-f", "lavfi", "-i", "testsrc2=size=176x144:rate=15:duration=2",
+                   "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=8000:duration=2",
+                   "-c:v", "h263", "-c:a", "libopencore_amrnb", "-ar", "8000", "-ac", "1"], "video", 2.0),
+    "flash.flv": ([*_V, *_A, "-c:v", "flv", "-c:a", "libmp3lame", "-ar", "44100"], "video", 2.0),
+    "take.aiff": ([*_A, "-c:a", "pcm_s16be", "-f", "aiff"], "audio", 2.0),
+    "take.wv": ([*_A, "-c:a", "wavpack"], "audio", 2.0),
+    "movie.ac3": ([*_A, "-c:a", "ac3"], "audio", 2.0),
+}  # fmt: skip
+REFUSED: dict[str, tuple[list[str], str, str]] = {
+    "nellymoser.flv": (
+        [*_V, *_A, "-c:v", "flv", "-c:a", "nellymoser", "-ar", "44100"],
+        "unsupported_codec",
+        "The audio in this Flash Video (FLV) file is encoded with nellymoser, which we do not support.",
+    ),
+}
+
+
+def _made_files(root: Path) -> dict[str, Path]:
+    files = {name: make_media(root / name, args) for name, (args, _, _) in MADE.items()}
+    files |= {name: make_media(root / name, args) for name, (args, _, _) in REFUSED.items()}
+    mov = make_media(root / "plain.mov", [*_V, *_A, *_H264, "-c:a", "aac", "-f", "mov"])
+    for first in ("mdat", "wide"):
+        name = f"{first}-first.mov"
+        files[name] = quicktime_without_ftyp(mov, root / name, first=first)
+    flac = make_media(root / "plain.flac", [*_A, "-c:a", "flac"])
+    adts = make_media(root / "plain.aac", [*_A, "-c:a", "aac", "-f", "adts"])
+    # Tags longer than the 4096 bytes the web sniffs, as cover art makes them.
+    files["tagged.flac"] = with_id3(flac, root / "tagged.flac", padding=30_000)
+    files["tagged.aac"] = with_id3(adts, root / "tagged.aac", padding=30_000)
+    return files
+
+
+EXPECTED_MADE = {n: (kind, seconds) for n, (_, kind, seconds) in MADE.items()} | {
+    "mdat-first.mov": ("video", 2.0),
+    "wide-first.mov": ("video", 2.0),
+    "tagged.flac": ("audio", 2.0),
+    "tagged.aac": ("audio", 2.0),
+}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> tuple[dict[str, Path], dict[str, dict]]:
+    root = tmp_path_factory.mktemp("made")
+    files = _made_files(root)
+    _, by_name = run_process_command(list(files.values()), tmp_path_factory.mktemp("made-data"))
+    return files, by_name
+
+
+def _decoded(path: str) -> dict:
+    """What a player gets from an output: codecs, rate, size, duration, by decoding every frame."""
+    with av.open(path) as ct:
+        found: dict = {"duration": ct.duration / 1e6 if ct.duration else None}
+        if ct.streams.video:
+            vs = ct.streams.video[0]
+            frames = [f.time for f in ct.decode(vs)]
+            found.update(video=vs.codec_context.codec.canonical_name, frames=len(frames),
+                         width=vs.codec_context.width, height=vs.codec_context.height,
+                         fps=float(vs.average_rate or vs.guessed_rate or 0), last=max(frames))  # fmt: skip
+    with av.open(path) as ct:
+        if ct.streams.audio:
+            ac = ct.streams.audio[0].codec_context
+            samples = sum(f.samples for f in ct.decode(audio=0))
+            found.update(
+                audio=ac.codec.canonical_name, channels=ac.layout.nb_channels, seconds=samples / ac.sample_rate
+            )
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_MADE))
+def test_every_kind_of_file_people_have_completes(made, name):
+    _, reports = made
+    report = reports[name]
+    kind, duration = EXPECTED_MADE[name]
+    assert (report["status"], report["error"], report["kind"]) == ("Completed", None, kind)
+    (main,) = _outputs(report, kind)
+    got = _decoded(main["path"])
+    if kind == "video":
+        assert got["video"] == "av1" and got["audio"] == "opus"
+        assert got["frames"] >= duration * 15 - 2
+        assert got["last"] == pytest.approx(duration, abs=0.2)
+        (thumb,) = _outputs(report, "thumbnail")
+        assert Path(thumb["path"]).stat().st_size > 0
+    else:
+        assert "video" not in got and got["audio"] == "opus"
+    assert got["seconds"] == pytest.approx(duration, abs=0.1)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_a_refused_file_is_named(made, name):
+    _, reports = made
+    _, code, sentence = REFUSED[name]
+    assert reports[name]["status"] == "Failed"
+    assert reports[name]["error"] == {"code": code, "message": sentence}
