@@ -105,10 +105,13 @@ class _Logged:
 
 
 class Worker(_Logged):
-    """A real ``celery worker`` process serving both queues."""
+    """A real ``celery worker`` process serving both queues. ``env`` overrides its environment
+    (say its own WORK_ROOT, as on another machine)."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, *, env: dict[str, str] | None = None, concurrency: int = 2) -> None:
         self.log = log
+        self.env = env or {}
+        self.concurrency = concurrency
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -126,7 +129,7 @@ class Worker(_Logged):
             "-Q",
             "default,video",
             "-c",
-            "2",
+            str(self.concurrency),
             "-n",
             self.name,
             "--loglevel",
@@ -137,7 +140,7 @@ class Worker(_Logged):
         self.proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
-            env=_subprocess_env(),
+            env={**_subprocess_env(), **self.env},
             stdout=self._log_file(),
             stderr=subprocess.STDOUT,
             start_new_session=True,

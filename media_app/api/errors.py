@@ -79,7 +79,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             break
     if isinstance(exc, exceptions.Throttled):
         wait = int(exc.wait or 1)
-        code, message = "rate_limited", f"Too many uploads started; try again in {wait} seconds."
+        code, message = (
+            "rate_limited",
+            f"Too many uploads started; try again in {wait} second{'' if wait == 1 else 's'}.",
+        )
     elif isinstance(exc, exceptions.ValidationError):
         extra = {"fields": exc.detail}
         message = _validation_sentence(exc.detail)
