@@ -14,8 +14,10 @@ as_root() {
 
 apt_install() {
   command -v apt-get >/dev/null || { log "please install: $*"; return 1; }
-  if [ -z "${_APT_UPDATED:-}" ]; then as_root apt-get update -qq; _APT_UPDATED=1; fi
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  # Wait for another apt (unattended upgrades, a second make) instead of failing on its lock.
+  local wait=(-o DPkg::Lock::Timeout=300)
+  if [ -z "${_APT_UPDATED:-}" ]; then as_root apt-get "${wait[@]}" update -qq; _APT_UPDATED=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get "${wait[@]}" install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
 ensure_venv() {
