@@ -44,12 +44,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import pillow_heif
 from PIL import AvifImagePlugin, Image, ImageCms, ImageFile, WebPImagePlugin
 
-from pipelines.errors import InvalidInput, MediaError, TooLarge
+from pipelines.errors import InvalidInput, MediaError, TooLarge, UnsupportedCodec
 from pipelines.profiles import ImageProfile, Limits, Profiles
 from pipelines.results import Output
+from pipelines.runner import FORMAT_WHITELIST
 from pipelines.sandbox import child_limits, run_isolated, run_isolated_with_stats
 from pipelines.sniff import sniff
 
@@ -87,6 +89,7 @@ _TRANSPOSE = {
 _ORIENTATION_TAG = 0x0112
 _VP8X_ALPHA = 0x10
 _MAX_TOP_LEVEL_BOXES = 10_000
+_MOV = "mov,mp4,m4a,3gp,3g2,mj2"
 
 # Hamming: Pillow scales every filter's support with the reduction, so this is a proper
 # anti-aliased downscale, at the cost of bilinear (110 ms for 12 MP -> 3 MP here, against 180 ms
@@ -305,6 +308,67 @@ def _check_container(path: str, pil_format: str) -> None:
         raise InvalidInput(DAMAGED, detail=f"the file ends {pos - size} bytes before its last box does")
 
 
+def _open(src: str, pil_format: str, limits: Limits) -> Image.Image:
+    """Open with the one allowed plugin; a HEIF image sequence without a primary image (``moov``
+    but no ``meta`` box) is its first picture, as a viewer shows it."""
+    if pil_format == "HEIF" and _sequence_without_primary(src):
+        return _first_sequence_picture(src, limits)
+    return Image.open(src, formats=[pil_format])
+
+
+def _top_level_boxes(path: str) -> Iterator[bytes]:
+    size = os.path.getsize(path)
+    pos = 0
+    with open(path, "rb") as fh:
+        for _ in range(_MAX_TOP_LEVEL_BOXES):
+            if pos + 8 > size:
+                return
+            fh.seek(pos)
+            header = fh.read(16)
+            box_size, box_type = int.from_bytes(header[:4], "big"), header[4:8]
+            yield box_type
+            if box_size == 1 and len(header) == 16:
+                box_size = int.from_bytes(header[8:16], "big")
+            if box_size < 8:  # 0: to the end of the file; less: damaged (_check_container says so)
+                return
+            pos += box_size
+
+
+def _sequence_without_primary(path: str) -> bool:
+    boxes = set(_top_level_boxes(path))
+    return b"moov" in boxes and b"meta" not in boxes
+
+
+def _first_sequence_picture(path: str, limits: Limits) -> Image.Image:
+    """The first picture of a HEIF image sequence (``msf1``: an HEVC track in a ``moov``), decoded
+    by PyAV's HEVC decoder with the same fd-only, allow-listed demuxer the video probe uses."""
+    options = {"protocol_whitelist": "fd", "format_whitelist": FORMAT_WHITELIST}
+    try:
+        with open(path, "rb") as fh, av.open(fh, "r", format=_MOV, container_options=options) as ct:
+            if not ct.streams.video:
+                raise InvalidInput("The image sequence holds no picture.")
+            stream = ct.streams.video[0]
+            cc = stream.codec_context
+            if cc.codec.canonical_name != "hevc":
+                raise UnsupportedCodec(f"Image sequences in {cc.codec.canonical_name} are not supported.")
+            if cc.width * cc.height > limits.max_image_pixels:
+                raise _pixels_error(cc.width * cc.height, limits)
+            for frame in ct.decode(stream):
+                return _frame_to_rgb(frame)
+    except MediaError:
+        raise
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise InvalidInput(DAMAGED, detail=f"{type(exc).__name__}: {exc}") from None
+    raise InvalidInput(DAMAGED, detail="no picture decoded from the image sequence")
+
+
+def _frame_to_rgb(frame: av.VideoFrame) -> Image.Image:
+    # The frame's own matrix and range; HEVC without a colour description is BT.601 limited.
+    full = int(frame.color_range or 0) == 2
+    rgb = frame.reformat(format="rgb24", src_color_range="JPEG" if full else "MPEG", dst_color_range="JPEG")
+    return typing.cast(Image.Image, rgb.to_image())  # type: ignore[no-untyped-call]
+
+
 def _orientation(im: Image.Image) -> int:
     try:
         value = im.getexif().get(_ORIENTATION_TAG, 1)
@@ -357,7 +421,7 @@ def _refuse_file_references(im: Image.Image) -> None:
 def _decode_in_child(src: str, pil_format: str, container: str, mime: str, limits: Limits) -> ImageInfo:
     _harden(pil_format, limits)
     _check_container(src, pil_format)
-    with _decoder_errors(limits), Image.open(src, formats=[pil_format]) as im:
+    with _decoder_errors(limits), _open(src, pil_format, limits) as im:
         width, height = im.size
         frames = _check_size(im, pil_format, limits)
         mode = im.mode
@@ -404,7 +468,7 @@ def _encode_in_child(
     target = _upright_size(plan.width, plan.height, orientation)
     # Only reading sits under _decoder_errors: an encoder failure is our problem, not a damaged file.
     with _decoder_errors(limits):
-        im = Image.open(src, formats=[pil_format])
+        im = _open(src, pil_format, limits)
     with im, ThreadPoolExecutor(max_workers=2) as pool:
         with _decoder_errors(limits):
             frames = _check_size(im, pil_format, limits)

@@ -143,6 +143,12 @@ def _made_files(root: Path) -> dict[str, Path]:
     # Tags longer than the 4096 bytes the web sniffs, as cover art makes them.
     files["tagged.flac"] = with_id3(flac, root / "tagged.flac", padding=30_000)
     files["tagged.aac"] = with_id3(adts, root / "tagged.aac", padding=30_000)
+    # A HEIF image sequence with no primary image (a burst): its first picture is the image.
+    files["burst.heic"] = make_media(
+        root / "burst.heic",
+        ["-f", "lavfi", "-i", "testsrc2=size=128x96:rate=5:duration=1", "-c:v", "libx265", "-x265-params",
+         "log-level=error", "-pix_fmt", "yuv420p", "-tag:v", "hvc1", "-brand", "msf1", "-f", "mp4"],
+    )  # fmt: skip
     return files
 
 
@@ -151,6 +157,7 @@ EXPECTED_MADE = {n: (kind, seconds) for n, (_, kind, seconds) in MADE.items()} |
     "wide-first.mov": ("video", 2.0),
     "tagged.flac": ("audio", 2.0),
     "tagged.aac": ("audio", 2.0),
+    "burst.heic": ("image", 0.0),
 }
 
 
@@ -188,6 +195,12 @@ def test_every_kind_of_file_people_have_completes(made, name):
     report = reports[name]
     kind, duration = EXPECTED_MADE[name]
     assert (report["status"], report["error"], report["kind"]) == ("Completed", None, kind)
+    if kind == "image":
+        for role in ("image_avif", "image_webp"):
+            (out,) = _outputs(report, role)
+            with Image.open(out["path"]) as img:
+                assert img.size == (128, 96) and getattr(img, "n_frames", 1) == 1
+        return
     (main,) = _outputs(report, kind)
     got = _decoded(main["path"])
     if kind == "video":
