@@ -256,3 +256,38 @@ def test_rolled_back_transition_sends_nothing_and_a_committed_one_arrives_after_
     assert first["item"]["status"] == "Pending"
     assert event["item"]["status"] == "Processing" and event["item"]["stage"] == "demux"
     assert visible == "t-2", "the event arrived before its transaction committed"
+
+
+@pytest.mark.worker
+def test_a_cancel_at_any_moment_on_the_real_worker_stops_the_item_and_its_ffmpeg(celery_worker, make_item, tmp_path):
+    """The same race with the real worker, ffmpeg and broker: cancels land while the item is
+    queued, between stages and in the middle of a stage; each ends cancelled, never Completed,
+    with no ffmpeg left working on it and no task of it left on the worker."""
+    from config.celery import app
+    from media_app.ops import media_cancel
+    from media_app.services import media_processing_start
+    from tests.conftest import wait_for
+    from tests.media import lavfi_video
+    from tests.media_app.test_admin_ops import _item_ffmpeg
+
+    clip = lavfi_video(tmp_path / "clip.mp4", seconds=10, size="640x360")
+    seen_stages = set()
+    for delay in (0.0, 0.3, 0.8, 1.5, 2.5, 4.0):
+        item = make_item(clip)
+        assert media_processing_start(item=item)
+        # The moment of the cancel is what this loop varies; nothing here waits for a state.
+        threading.Event().wait(delay)
+        item.refresh_from_db()
+        seen_stages.add(item.stage or item.status)
+        media_cancel(item_id=item.pk, message="Cancelled by an administrator.")
+
+        def worker_done_with(i: MediaItem = item) -> bool:
+            active = app.control.inspect([celery_worker.name], timeout=1).active() or {}
+            busy = any(str(i.pk) in json.dumps(t.get("args")) for tasks in active.values() for t in tasks)
+            return not busy and not _item_ffmpeg(i)
+
+        wait_for(worker_done_with, timeout=30, what="the worker to let go of the cancelled item")
+        item.refresh_from_db()
+        assert (item.status, item.error_code) == ("Failed", "cancelled"), f"cancel after {delay} s"
+        assert not item.renditions.exists()
+    assert len(seen_stages) >= 3, f"the cancels all landed at the same point: {seen_stages}"
