@@ -26,7 +26,7 @@ from typing import Literal
 import ffmpeg
 
 from pipelines.detect import Detected
-from pipelines.errors import InvalidInput, MediaError, TooLarge, UnsupportedCodec
+from pipelines.errors import Cancelled, InvalidInput, MediaError, TooLarge, UnsupportedCodec
 from pipelines.probe import MediaInfo, StreamInfo, check_limits, codec_allowed, probe
 from pipelines.profiles import Limits, Profiles
 from pipelines.results import Output
@@ -95,6 +95,10 @@ class VideoPlan:
     source_width: int
     source_height: int
     rotation: int
+    # Filters that come first in every graph reading the video (encode, thumbnail): colour tags
+    # for an untagged source, so that each conversion after them (and the player) agrees.
+    colour: tuple[str, ...] = ()
+    x264_build: int | None = None  # see StreamInfo.x264_build
 
 
 @dataclass(frozen=True)
@@ -285,7 +289,9 @@ def decode(
 def _decode_pass(
     demuxed: DemuxResult, demux_dir: Path, limits: Limits, progress: Progress | None, *, keyframes_only: bool
 ) -> RunResult:
-    extra = ("-bsf:v", "noise=drop=not(key)") if keyframes_only else ()
+    extra: tuple[str, ...] = ("-bsf:v", "noise=drop=not(key)") if keyframes_only else ()
+    if demuxed.info.video is not None:
+        extra += decoder_args(demuxed.info.video.x264_build)
     with open_input(demux_dir / demuxed.file, demuxed.ffmpeg_format) as inp:
         return run_ffmpeg(
             [*inp.args(*extra), "-map", "0:v:0?", "-map", "0:a:0?", "-f", "null", "-"],
@@ -346,7 +352,39 @@ def _video_plan(video: StreamInfo, profiles: Profiles) -> VideoPlan:
         source_width=video.width or 0,
         source_height=video.height or 0,
         rotation=video.rotation,
+        colour=tuple(colour_chain(video)),
+        x264_build=video.x264_build,
     )
+
+
+def colour_chain(video: StreamInfo) -> list[str]:
+    """Filters that give every frame its colour description before anything converts it.
+
+    A file that does not say how its YUV maps to RGB is read as players read it: BT.709 when
+    it is HD (wider than 1024 or taller than 576, mpv's rule), BT.601 below; full range only for
+    the JPEG formats (MJPEG). The encode then writes these tags into the AV1, so no player has
+    to guess, and the thumbnail converts with the same matrix as the video plays with.
+    """
+    fmt = video.pix_fmt or ""
+    if not fmt.startswith(("yuv", "nv", "p0", "p2", "ayuv", "uyvy", "yuyv", "v210")):
+        return []  # RGB, grey, palette: no matrix to choose
+    hd = (video.width or 0) > 1024 or (video.height or 0) > 576
+    standard = "bt709" if hd else "smpte170m"
+    params = {}
+    if video.color_space is None:
+        params["colorspace"] = standard
+    if video.color_primaries is None:
+        params["color_primaries"] = standard
+    if video.color_trc is None:
+        params["color_trc"] = standard
+    if video.color_range is None:
+        params["range"] = "pc" if fmt.startswith("yuvj") else "tv"
+    return ["setparams=" + ":".join(f"{k}={v}" for k, v in params.items())] if params else []
+
+
+def decoder_args(x264_build: int | None) -> tuple[str, ...]:
+    """Input options for every run that decodes the video (see StreamInfo.x264_build)."""
+    return ("-x264_build", str(x264_build)) if x264_build is not None else ()
 
 
 def _even(x: float) -> int:
@@ -463,6 +501,7 @@ def build_filters(
         # ffmpeg has already rotated the frames (autorotate) when they reach this graph.
         video = ",".join(
             [
+                *v.colour,
                 f"fps={v.frame_rate}",
                 f"scale={v.width}:{v.height}:out_range={v.color_range}",
                 f"format={v.pix_fmt}",
@@ -532,10 +571,11 @@ def encode(
         name = "encoded.mkv" if demuxed.kind == "video" else "encoded.mka"
         args += ["-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1",
                  "-f", "matroska", str(out_dir / name)]  # fmt: skip
+        decoding = decoder_args(plan.video.x264_build) if plan.video is not None else ()
         with open_input(demux_dir / demuxed.file, demuxed.ffmpeg_format) as inp:
             result = run_ffmpeg(
-                [*inp.args(), *args], limits=limits, duration=plan.duration, progress=progress, cancel=cancel,
-                pass_fds=[inp.fd],
+                [*inp.args(*decoding), *args], limits=limits, duration=plan.duration, progress=progress,
+                cancel=cancel, pass_fds=[inp.fd],
             )  # fmt: skip
         return EncodeResult(
             kind=demuxed.kind,
@@ -652,12 +692,19 @@ def _segment_order(path: Path) -> tuple[str, int, int]:
 def previews(
     demuxed: DemuxResult, demux_dir: Path, out_dir: Path, *, profiles: Profiles, limits: Limits
 ) -> PreviewResult:
-    """A WebP thumbnail from a representative frame, never a black one when any other exists.
+    """A WebP thumbnail that is a frame of the video, never a black one when any other exists.
 
     The first try decodes only key frames from a third of the way in and lets ffmpeg's
     ``thumbnail`` filter pick the most typical of a few: that costs a handful of frame decodes,
-    whatever the length. Short clips (one key frame) and black results fall back to decoding a
-    second of every frame at other points; the brightest candidate wins if all are dark.
+    whatever the length. Black results fall back to decoding a second of every frame at other
+    points; the brightest candidate wins if all are dark. A picture shorter than two seconds (a
+    short clip, one still frame over a podcast's audio) is taken from its start, and so is the
+    last resort: the first frame that decodes. A thumbnail never fails the item: with no frame
+    at all (the decode stage has proved there is one) the video simply has none.
+
+    The frame passes through the same colour chain as the encode (``colour_chain``), and is
+    converted to WebP's BT.601 with the matrix that chain set, so it shows what the video shows.
+    ``at`` is the chosen frame's own time, read from ``showinfo``.
     """
     with _timed("previews", kind=demuxed.kind):
         video = demuxed.info.video
@@ -668,35 +715,35 @@ def previews(
         dw, dh = video.display_size
         width = _even(min(tp.width, dw))
         height = _even(dh * width / dw)
-        duration = demuxed.duration or 0.0
+        span = _picture_span(video, demuxed.duration)
         dst = out_dir / "thumbnail.webp"
         fps = video.fps if video.fps and 0 < video.fps <= 240 else 25.0
-        attempts = [(duration / 3, True)]
-        attempts += [(duration * f, False) for f in (1 / 3, 1 / 2, 2 / 3, 0.1, 0.9)]
-        best: tuple[float, float, bytes] | None = None
         window = max(2, min(round(fps), 60))  # about a second of frames for the full-decode tries
-        for at, keyframes in attempts:
-            got = _thumbnail_at(
-                demuxed,
-                demux_dir,
-                out_dir,
-                at=at,
-                keyframes_only=keyframes,
-                size=(width, height),
-                frames=window,
-                quality=tp.quality,
-                limits=limits,
-            )
+        tries: list[tuple[float | None, bool]] = []
+        if span >= _SHORT_PICTURE:
+            tries += [(span / 3, True)]
+            tries += [(span * f, False) for f in (1 / 3, 1 / 2, 2 / 3, 0.1, 0.9)]
+        tries.append((None, False))  # from the start: short pictures, and the last resort
+        best: tuple[float, float, bytes] | None = None
+        shot = _Shot(
+            chain=",".join([*colour_chain(video), ""]),
+            decoding=decoder_args(video.x264_build),
+            size=(width, height),
+            quality=tp.quality,
+        )
+        for at, keyframes in tries:
+            got = _thumbnail_at(demuxed, demux_dir, out_dir, shot, at=at, keyframes_only=keyframes,
+                                frames=3 if keyframes else window, limits=limits)  # fmt: skip
             if got is None:
                 continue
-            luma, data = got
-            if best is None or luma > best[1]:
-                best = (at, luma, data)
-            if luma >= _BLACK_LUMA:
+            if best is None or got[1] > best[1]:
+                best = got
+            if got[1] >= _BLACK_LUMA:
                 break
         if best is None:
-            raise InvalidInput("We could not take a picture from the video.")
-        at, luma, data = best
+            log.warning("previews: no frame of %s could be decoded for a thumbnail", demuxed.file)
+            return PreviewResult(outputs=())
+        frame_time, luma, data = best
         dst.write_bytes(data)
         output = Output(
             role="thumbnail",
@@ -707,52 +754,81 @@ def previews(
             height=height,
             bytes=len(data),
         )
-        return PreviewResult(outputs=(output,), at=round(at, 3), luma=round(luma, 1))
+        return PreviewResult(outputs=(output,), at=round(frame_time, 3), luma=round(luma, 1))
+
+
+_SHORT_PICTURE = 2.0  # seconds of picture under which a thumbnail is taken from the start
+_SHOWINFO_TIME = re.compile(r"Parsed_showinfo.*\bpts_time:\s*(-?[0-9.]+)")
+
+
+@dataclass(frozen=True)
+class _Shot:
+    chain: str  # the colour chain, each filter followed by a comma ("" for none)
+    decoding: tuple[str, ...]  # decoder options
+    size: tuple[int, int]
+    quality: int
+
+
+def _picture_span(video: StreamInfo, duration: float | None) -> float:
+    """How long the picture lasts: the video stream's own duration when the file says, since a
+    podcast's one still frame sits in a file as long as its audio."""
+    known = [d for d in (video.duration, duration) if d]
+    return min(known) if known else 0.0
 
 
 def _thumbnail_at(
     demuxed: DemuxResult,
     demux_dir: Path,
     out_dir: Path,
+    shot: _Shot,
     *,
-    at: float,
+    at: float | None,
     keyframes_only: bool,
-    size: tuple[int, int],
     frames: int,
-    quality: int,
     limits: Limits,
-) -> tuple[float, bytes] | None:
-    """One ffmpeg run: pick a frame near ``at``, write it as WebP and as 32x32 grey for its luma."""
+) -> tuple[float, float, bytes] | None:
+    """One ffmpeg run: the most typical of ``frames`` frames from ``at`` (None: the start), as
+    WebP and as 32x32 grey for its luma. Returns (frame time, luma, WebP) or None."""
     webp, grey = out_dir / ".candidate.webp", out_dir / ".candidate.grey"
     for p in (webp, grey):
         p.unlink(missing_ok=True)
-    extra = ["-ss", f"{at:.3f}"]
+    # -copyts: frame times stay the file's own, so showinfo tells which frame this is.
+    extra = [*shot.decoding, "-copyts"]
+    if at is not None:
+        extra += ["-ss", f"{at:.3f}"]
     if keyframes_only:
         extra = ["-bsf:v", "noise=drop=not(key)", *extra]
-    n = 3 if keyframes_only else frames
+    w, h = shot.size
     graph = (
-        f"[0:v:0]thumbnail=n={n}:log=quiet,split=2[t][g];"
-        f"[t]scale={size[0]}:{size[1]},setsar=1,format=yuv420p[thumb];"
+        f"[0:v:0]{shot.chain}thumbnail=n={frames}:log=quiet,showinfo,split=2[t][g];"
+        # WebP stores BT.601 limited-range YUV: convert to it from whatever the chain says.
+        f"[t]scale={w}:{h}:out_color_matrix=bt601:out_range=tv,setsar=1,format=yuv420p[thumb];"
         f"[g]scale=32:32,format=gray[grey]"
     )
     try:
         with open_input(demux_dir / demuxed.file, demuxed.ffmpeg_format) as inp:
-            run_ffmpeg(
+            result = run_ffmpeg(
                 [*inp.args(*extra), "-filter_complex", graph, "-an", "-sn",
-                 "-map", "[thumb]", "-frames:v", "1", "-c:v", "libwebp", "-quality", str(quality),
+                 "-map", "[thumb]", "-frames:v", "1", "-c:v", "libwebp", "-quality", str(shot.quality),
                  "-compression_level", "4", "-f", "webp", str(webp),
                  "-map", "[grey]", "-frames:v", "1", "-f", "rawvideo", str(grey)],
                 limits=limits, timeout=min(limits.wall_seconds, 120.0), pass_fds=[inp.fd],
             )  # fmt: skip
         data, pixels = webp.read_bytes(), grey.read_bytes()
-    except (InvalidInput, FileNotFoundError):  # nothing decoded at this point (e.g. past the last key frame)
+    except MediaError as exc:
+        if exc.retryable or isinstance(exc, (TooLarge, Cancelled)):
+            raise
+        return None  # nothing decodes here (past the last frame, a damaged stretch): try elsewhere
+    except FileNotFoundError:
         return None
     finally:
         for p in (webp, grey):
             p.unlink(missing_ok=True)
     if not data or not pixels:
         return None
-    return sum(pixels) / len(pixels), data
+    times = _SHOWINFO_TIME.findall(result.stderr)
+    frame_time = float(times[0]) if times else (at or 0.0)
+    return frame_time, sum(pixels) / len(pixels), data
 
 
 # --- helpers ---------------------------------------------------------------------------------

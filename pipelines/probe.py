@@ -9,7 +9,7 @@ forbids every protocol, so a playlist hidden in the file cannot open anything.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +41,15 @@ _PCM = re.compile(r"^pcm_(s8|u8|s16le|s16be|s24le|s24be|s32le|s32be|f32le|f32be|
 
 # How far the child reads to find the first video frame (for its display-matrix rotation).
 _ROTATION_PACKETS = 64
+_X264_SEI = re.compile(rb"x264 - core (\d{1,4})")
+# AVColorSpace, AVColorPrimaries, AVColorTransferCharacteristic values -> ffmpeg's option names.
+_COLOR_SPACES = {0: "gbr", 1: "bt709", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m", 8: "ycgco",
+                 9: "bt2020nc", 10: "bt2020c", 14: "ictcp"}  # fmt: skip
+_COLOR_PRIMARIES = {1: "bt709", 4: "bt470m", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m", 8: "film",
+                    9: "bt2020", 10: "smpte428", 11: "smpte431", 12: "smpte432", 22: "jedec-p22"}  # fmt: skip
+_COLOR_TRCS = {1: "bt709", 4: "gamma22", 5: "gamma28", 6: "smpte170m", 7: "smpte240m", 8: "linear",
+               9: "log100", 10: "log316", 11: "iec61966-2-4", 12: "bt1361e", 13: "iec61966-2-1", 14: "bt2020-10",
+               15: "bt2020-12", 16: "smpte2084", 17: "smpte428", 18: "arib-std-b67"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,13 @@ class StreamInfo:
     sample_aspect: float = 1.0
     pix_fmt: str | None = None
     color_range: str | None = None  # "tv", "pc" or None when the file does not say
+    # ffmpeg's names ("bt709", "bt2020nc", "smpte2084", "arib-std-b67"), None when unspecified.
+    color_space: str | None = None
+    color_primaries: str | None = None
+    color_trc: str | None = None
+    # The x264 version in the first frame's SEI. FFmpeg works around old x264 bugs (4:4:4 before
+    # build 151) only when it has seen that SEI, so a decode that starts after a seek must be told.
+    x264_build: int | None = None
     sample_rate: int | None = None
     channels: int | None = None
     channel_layout: str | None = None
@@ -131,9 +147,10 @@ def _probe_in_child(path: str, ffmpeg_format: str | None, limits: Limits) -> Med
             # Decode one frame (for its rotation) only with a decoder we would use anyway, and only
             # when the header's size is within limits; check_limits refuses the rest afterwards.
             if video is not None and codec_allowed(video) and _decodable_size(video, limits):
-                rotation = _first_frame_rotation(ct, video.index)
-                if rotation:
-                    streams = tuple(_with_rotation(s, rotation) if s is video else s for s in streams)
+                rotation, x264_build = _first_frame_facts(ct, video.index)
+                if rotation or x264_build is not None:
+                    found = replace(video, rotation=((rotation + 180) % 360) - 180, x264_build=x264_build)
+                    streams = tuple(found if s is video else s for s in streams)
             duration = ct.duration / 1_000_000 if ct.duration and ct.duration > 0 else None
             return MediaInfo(
                 container=ct.format.name,
@@ -182,6 +199,9 @@ def _stream_info(container: Any, stream: Any) -> StreamInfo:
             sample_aspect=float(sar) if sar and sar > 0 else 1.0,
             pix_fmt=cc.pix_fmt,
             color_range={1: "tv", 2: "pc"}.get(int(cc.color_range or 0)),
+            color_space=_COLOR_SPACES.get(int(cc.colorspace or 2)),
+            color_primaries=_COLOR_PRIMARIES.get(int(cc.color_primaries or 2)),
+            color_trc=_COLOR_TRCS.get(int(cc.color_trc or 2)),
             duration=duration,
             attached_pic=bool(stream.disposition & av.stream.Disposition.attached_pic),
         )
@@ -203,31 +223,30 @@ def _decodable_size(video: StreamInfo, limits: Limits) -> bool:
     return bool(video.width and video.height and video.width * video.height <= limits.max_video_pixels)
 
 
-def _first_frame_rotation(container: Any, index: int) -> int:
-    """Rotation from the first decoded frame's display matrix (PyAV exposes it only on frames).
+def _first_frame_facts(container: Any, index: int) -> tuple[int, int | None]:
+    """Rotation from the first decoded frame's display matrix (PyAV exposes it only on frames),
+    and the x264 build from the SEI in the packets before it.
 
     FFmpeg attaches the stream's display matrix to every decoded frame, whatever the container
     stored it as (mov ``tkhd`` matrix, Matroska projection). A frame that fails to decode says
     nothing about rotation; the decode stage judges decodability.
     """
     stream = container.streams[index]
+    x264_build: int | None = None
     try:
         for n, packet in enumerate(container.demux(stream)):
+            if x264_build is None and stream.codec_context.name == "h264":
+                found = _X264_SEI.search(bytes(packet))
+                x264_build = int(found.group(1)) if found else None
             for frame in packet.decode():
-                return int(frame.rotation or 0)
+                return int(frame.rotation or 0), x264_build
             if n >= _ROTATION_PACKETS:
                 break
         for frame in stream.codec_context.decode(None):  # flush: decoders that buffer frames
-            return int(frame.rotation or 0)
+            return int(frame.rotation or 0), x264_build
     except av.error.FFmpegError:
         pass
-    return 0
-
-
-def _with_rotation(stream: StreamInfo, rotation: int) -> StreamInfo:
-    from dataclasses import replace
-
-    return replace(stream, rotation=((rotation + 180) % 360) - 180)
+    return 0, x264_build
 
 
 def check_limits(info: MediaInfo, limits: Limits) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -101,3 +102,94 @@ def quicktime_without_ftyp(src: Path, dst: Path, *, first: str) -> Path:
         raise ValueError(first)
     dst.write_bytes(bytes(data))
     return dst
+
+
+# --- comparing pictures as a viewer would ---------------------------------------------------------
+
+
+def source_frame(path: Path, at: float, *, matrix: str | None = None) -> Image.Image:
+    """The source's frame shown at ``at`` seconds, decoded by PyAV from the start (no seek, so no
+    decoder state is missed), turned upright and converted to RGB with ``matrix`` ("bt709" or
+    "bt601"; default: the file's own, else BT.709 for HD and BT.601 below) and the file's range."""
+    import av
+
+    with av.open(str(path), metadata_errors="replace") as ct:
+        best = None
+        for frame in ct.decode(ct.streams.video[0]):
+            if best is None or abs(frame.time - at) < abs(best.time - at):
+                best = frame
+            if frame.time > at + 1:
+                break
+    assert best is not None, "no frame decoded"
+    return _upright_rgb(best, matrix)
+
+
+def best_matching_frame(path: Path, picture: Image.Image, *, most: int = 900) -> tuple[float, float, float]:
+    """(time, SSIM, colour difference) of the source frame most like ``picture``: every frame (up to
+    ``most``) ranked by colour difference, the closest few by SSIM."""
+    import av
+
+    ranked: list[tuple[float, float, Image.Image]] = []
+    with av.open(str(path), metadata_errors="replace") as ct:
+        for n, frame in enumerate(ct.decode(ct.streams.video[0])):
+            if n >= most:
+                break
+            rgb = _upright_rgb(frame, None, size=picture.size)
+            ranked.append((colour_difference(picture, rgb), frame.time, rgb))
+    ranked.sort(key=lambda r: r[0])
+    scored = [(ssim(picture, rgb), t, cast) for cast, t, rgb in ranked[:5]]
+    score, at, cast = max(scored)
+    return at, score, cast
+
+
+def _upright_rgb(frame: Any, matrix: str | None, *, size: tuple[int, int] | None = None) -> Image.Image:
+    """``size``: the upright picture's, scaled to in the same conversion (area filter)."""
+    tagged = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020"}.get(int(frame.colorspace))
+    hd = frame.width > 1024 or frame.height > 576
+    matrix = matrix or tagged or ("bt709" if hd else "bt601")
+    space = {"bt709": "ITU709", "bt601": "ITU601", "bt2020": "BT2020"}[matrix]
+    full = int(frame.color_range) == 2 or frame.format.name.startswith("yuvj")
+    turns = {90: Image.Transpose.ROTATE_90, -90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180,
+             -180: Image.Transpose.ROTATE_180}  # fmt: skip
+    turn = turns.get(int(frame.rotation or 0))
+    width, height = size if size else (None, None)
+    if size and abs(int(frame.rotation or 0)) == 90:
+        width, height = height, width
+    rgb = frame.reformat(width=width, height=height, format="rgb24", src_colorspace=space, dst_colorspace=space,
+                         src_color_range="JPEG" if full else "MPEG", dst_color_range="JPEG",
+                         interpolation="AREA")  # fmt: skip
+    picture = rgb.to_image()
+    return picture.transpose(turn) if turn is not None else picture
+
+
+def ssim(a: Image.Image, b: Image.Image, *, block: int = 8) -> float:
+    """Structural similarity of two pictures' luma, mean over ``block``-pixel windows (stride half a
+    window), after resizing ``b`` to ``a``'s size. 1.0 is identical; a different frame of moving
+    video scores ~0.3-0.6, another picture altogether ~0."""
+    la = a.convert("L").tobytes()
+    lb = b.convert("L").resize(a.size, Image.Resampling.BOX).tobytes()
+    w, h = a.size
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    scores = []
+    step = max(1, block // 2)
+    for y in range(0, max(1, h - block + 1), step):
+        for x in range(0, max(1, w - block + 1), step):
+            pa = [la[(y + j) * w + x + i] for j in range(min(block, h)) for i in range(min(block, w))]
+            pb = [lb[(y + j) * w + x + i] for j in range(min(block, h)) for i in range(min(block, w))]
+            n = len(pa)
+            ma, mb = sum(pa) / n, sum(pb) / n
+            va = sum((p - ma) ** 2 for p in pa) / n
+            vb = sum((p - mb) ** 2 for p in pb) / n
+            cov = sum((p - ma) * (q - mb) for p, q in zip(pa, pb, strict=True)) / n
+            scores.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2)))
+    return sum(scores) / len(scores)
+
+
+def colour_difference(a: Image.Image, b: Image.Image, *, blocks: tuple[int, int] = (16, 9)) -> float:
+    """The largest per-channel mean difference (0-255) between two pictures averaged over
+    ``blocks`` areas: what an eye sees as a colour cast, not what compression leaves in edges."""
+    from PIL import ImageChops, ImageStat
+
+    small_a = a.convert("RGB").resize(blocks, Image.Resampling.BOX)
+    small_b = b.convert("RGB").resize(blocks, Image.Resampling.BOX)
+    return max(ImageStat.Stat(ImageChops.difference(small_a, small_b)).mean)

@@ -283,7 +283,11 @@ def test_ebur128_summary_is_parsed() -> None:
 
 def test_filters_apply_the_plan(video_run: Any, profiles: Profiles) -> None:
     spec = video_run["filter"]
-    assert spec.video == "fps=25/1,scale=320:240:out_range=tv,format=yuv420p,setsar=1"
+    # The untagged SD clip is given BT.601 tags first, so the AV1 says how to show it.
+    assert spec.video == (
+        "setparams=colorspace=smpte170m:color_primaries=smpte170m:color_trc=smpte170m:range=tv,"
+        "fps=25/1,scale=320:240:out_range=tv,format=yuv420p,setsar=1"
+    )
     assert spec.audio.startswith("aresample=48000")
     assert "channel_layouts=mono" in spec.audio and "volume=" in spec.audio
     loudnorm = stages.build_filters(video_run["normalize"], profiles=profiles, loudness_method="loudnorm")
