@@ -99,6 +99,9 @@ class VideoPlan:
     # for an untagged source, so that each conversion after them (and the player) agrees.
     colour: tuple[str, ...] = ()
     x264_build: int | None = None  # see StreamInfo.x264_build
+    # Resize and bring to 8-bit SDR (tone-mapped from HDR): ``picture_steps``.
+    picture: tuple[str, ...] = ()
+    dynamic_range: str = "sdr"  # of the source: sdr, wide (BT.2020 SDR), pq or hlg
 
 
 @dataclass(frozen=True)
@@ -354,7 +357,65 @@ def _video_plan(video: StreamInfo, profiles: Profiles) -> VideoPlan:
         rotation=video.rotation,
         colour=tuple(colour_chain(video)),
         x264_build=video.x264_build,
+        picture=tuple(picture_steps(video, _even(width * scale), _even(height * scale), vp.pix_fmt)),
+        dynamic_range=dynamic_range(video),
     )
+
+
+# zscale's names for the source's colour description, from ffmpeg's.
+_ZSCALE_TRC = {
+    "smpte2084": "smpte2084", "arib-std-b67": "arib-std-b67", "bt709": "709", "smpte170m": "601",
+    "bt2020-10": "2020_10", "bt2020-12": "2020_12", "linear": "linear", "iec61966-2-1": "iec61966-2-1",
+}  # fmt: skip
+_ZSCALE_PRIMARIES = {"bt2020": "2020", "bt709": "709", "smpte170m": "170m", "bt470bg": "470bg", "smpte432": "smpte432"}
+_ZSCALE_MATRIX = {"bt2020nc": "2020_ncl", "bt2020c": "2020_cl", "bt709": "709", "smpte170m": "170m", "bt470bg": "470bg"}
+
+
+def dynamic_range(video: StreamInfo) -> str:
+    """pq (HDR10), hlg, wide (BT.2020 primaries, SDR transfer) or sdr, from the stream's tags."""
+    if video.color_trc == "smpte2084":
+        return "pq"
+    if video.color_trc == "arib-std-b67":
+        return "hlg"
+    if video.color_primaries == "bt2020" or video.color_space in ("bt2020nc", "bt2020c"):
+        return "wide"
+    return "sdr"
+
+
+def picture_steps(video: StreamInfo, width: int, height: int, pix_fmt: str = "yuv420p") -> list[str]:
+    """Filters that resize to ``width`` x ``height`` and give 8-bit SDR in limited range.
+
+    HDR (PQ, HLG) is tone-mapped to BT.709 as Immich does by default: linear light with 100 nits
+    as 1.0, BT.709 primaries, Hable's curve without desaturation. The resize happens first, in
+    zscale, so the float work is done at the output size, not on a 4K source. Without mastering
+    metadata the peak is taken as 1000 nits (``peak=10``), what consumer HDR is graded to; ffmpeg
+    would assume 10,000 for PQ and make the picture far too dark. The frames leave tagged BT.709,
+    so the encode writes BT.709, never PQ or HLG, into an 8-bit AV1.
+    """
+    kind = dynamic_range(video)
+    if kind == "sdr":
+        return [f"scale={width}:{height}:out_range=tv", f"format={pix_fmt}"]
+    source = ":".join(
+        f"{key}={value}"
+        for key, value in (
+            ("tin", _ZSCALE_TRC.get(video.color_trc or "")),
+            ("pin", _ZSCALE_PRIMARIES.get(video.color_primaries or "", "2020")),
+            ("min", _ZSCALE_MATRIX.get(video.color_space or "", "2020_ncl")),
+            ("rin", "full" if video.color_range == "pc" else "limited"),
+        )
+        if value
+    )
+    if kind == "wide":
+        return [f"zscale=w={width}:h={height}:{source}:p=709:t=709:m=709:r=limited", f"format={pix_fmt}"]
+    peak = "" if video.hdr_metadata else ":peak=10"
+    return [
+        f"zscale=w={width}:h={height}:{source}:t=linear:npl=100",
+        "format=gbrpf32le",
+        "zscale=p=709",
+        f"tonemap=tonemap=hable:desat=0{peak}",
+        "zscale=t=709:m=709:r=limited",
+        f"format={pix_fmt}",
+    ]
 
 
 def colour_chain(video: StreamInfo) -> list[str]:
@@ -503,8 +564,7 @@ def build_filters(
             [
                 *v.colour,
                 f"fps={v.frame_rate}",
-                f"scale={v.width}:{v.height}:out_range={v.color_range}",
-                f"format={v.pix_fmt}",
+                *(v.picture or (f"scale={v.width}:{v.height}:out_range={v.color_range}", f"format={v.pix_fmt}")),
                 "setsar=1",
             ]
         )
@@ -727,8 +787,8 @@ def previews(
         best: tuple[float, float, bytes] | None = None
         shot = _Shot(
             chain=",".join([*colour_chain(video), ""]),
+            picture=",".join(picture_steps(video, width, height)),
             decoding=decoder_args(video.x264_build),
-            size=(width, height),
             quality=tp.quality,
         )
         for at, keyframes in tries:
@@ -764,8 +824,8 @@ _SHOWINFO_TIME = re.compile(r"Parsed_showinfo.*\bpts_time:\s*(-?[0-9.]+)")
 @dataclass(frozen=True)
 class _Shot:
     chain: str  # the colour chain, each filter followed by a comma ("" for none)
+    picture: str  # picture_steps at the thumbnail's size: resized, SDR, limited range
     decoding: tuple[str, ...]  # decoder options
-    size: tuple[int, int]
     quality: int
 
 
@@ -798,11 +858,10 @@ def _thumbnail_at(
         extra += ["-ss", f"{at:.3f}"]
     if keyframes_only:
         extra = ["-bsf:v", "noise=drop=not(key)", *extra]
-    w, h = shot.size
     graph = (
-        f"[0:v:0]{shot.chain}thumbnail=n={frames}:log=quiet,showinfo,split=2[t][g];"
-        # WebP stores BT.601 limited-range YUV: convert to it from whatever the chain says.
-        f"[t]scale={w}:{h}:out_color_matrix=bt601:out_range=tv,setsar=1,format=yuv420p[thumb];"
+        f"[0:v:0]{shot.chain}thumbnail=n={frames}:log=quiet,showinfo,{shot.picture},split=2[t][g];"
+        # WebP stores BT.601 limited-range YUV: convert to it from what the frames are tagged as.
+        f"[t]scale=out_color_matrix=bt601:out_range=tv,setsar=1,format=yuv420p[thumb];"
         f"[g]scale=32:32,format=gray[grey]"
     )
     try:

@@ -73,6 +73,9 @@ class StreamInfo:
     # The x264 version in the first frame's SEI. FFmpeg works around old x264 bugs (4:4:4 before
     # build 151) only when it has seen that SEI, so a decode that starts after a seek must be told.
     x264_build: int | None = None
+    # HDR mastering display or content light level metadata on the first frame: tone-mapping then
+    # knows the real peak instead of assuming one.
+    hdr_metadata: bool = False
     sample_rate: int | None = None
     channels: int | None = None
     channel_layout: str | None = None
@@ -147,10 +150,14 @@ def _probe_in_child(path: str, ffmpeg_format: str | None, limits: Limits) -> Med
             # Decode one frame (for its rotation) only with a decoder we would use anyway, and only
             # when the header's size is within limits; check_limits refuses the rest afterwards.
             if video is not None and codec_allowed(video) and _decodable_size(video, limits):
-                rotation, x264_build = _first_frame_facts(ct, video.index)
-                if rotation or x264_build is not None:
-                    found = replace(video, rotation=((rotation + 180) % 360) - 180, x264_build=x264_build)
-                    streams = tuple(found if s is video else s for s in streams)
+                rotation, x264_build, hdr_metadata = _first_frame_facts(ct, video.index)
+                found = replace(
+                    video,
+                    rotation=((rotation + 180) % 360) - 180,
+                    x264_build=x264_build,
+                    hdr_metadata=hdr_metadata,
+                )
+                streams = tuple(found if s is video else s for s in streams)
             duration = ct.duration / 1_000_000 if ct.duration and ct.duration > 0 else None
             return MediaInfo(
                 container=ct.format.name,
@@ -223,7 +230,7 @@ def _decodable_size(video: StreamInfo, limits: Limits) -> bool:
     return bool(video.width and video.height and video.width * video.height <= limits.max_video_pixels)
 
 
-def _first_frame_facts(container: Any, index: int) -> tuple[int, int | None]:
+def _first_frame_facts(container: Any, index: int) -> tuple[int, int | None, bool]:
     """Rotation from the first decoded frame's display matrix (PyAV exposes it only on frames),
     and the x264 build from the SEI in the packets before it.
 
@@ -239,14 +246,19 @@ def _first_frame_facts(container: Any, index: int) -> tuple[int, int | None]:
                 found = _X264_SEI.search(bytes(packet))
                 x264_build = int(found.group(1)) if found else None
             for frame in packet.decode():
-                return int(frame.rotation or 0), x264_build
+                return int(frame.rotation or 0), x264_build, _has_hdr_metadata(frame)
             if n >= _ROTATION_PACKETS:
                 break
         for frame in stream.codec_context.decode(None):  # flush: decoders that buffer frames
-            return int(frame.rotation or 0), x264_build
+            return int(frame.rotation or 0), x264_build, _has_hdr_metadata(frame)
     except av.error.FFmpegError:
         pass
-    return 0, x264_build
+    return 0, x264_build, False
+
+
+def _has_hdr_metadata(frame: Any) -> bool:
+    kinds = {sd.type.name for sd in frame.side_data}
+    return bool(kinds & {"MASTERING_DISPLAY_METADATA", "CONTENT_LIGHT_LEVEL"})
 
 
 def check_limits(info: MediaInfo, limits: Limits) -> None:

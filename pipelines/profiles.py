@@ -19,7 +19,7 @@ class VideoProfile:
     preset: int = 10
     max_width: int = 1920
     max_height: int = 1080
-    max_fps: float = 30.0
+    max_fps: float = 60.0
     pix_fmt: str = "yuv420p"
     # DASH segments are cut on keyframes, so the GOP is the segment length.
     segment_seconds: float = 4.0

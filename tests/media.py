@@ -193,3 +193,32 @@ def colour_difference(a: Image.Image, b: Image.Image, *, blocks: tuple[int, int]
     small_a = a.convert("RGB").resize(blocks, Image.Resampling.BOX)
     small_b = b.convert("RGB").resize(blocks, Image.Resampling.BOX)
     return max(ImageStat.Stat(ImageChops.difference(small_a, small_b)).mean)
+
+
+# Immich's default tone-mapping, written out apart from the pipeline: linear light with 100 nits as
+# 1.0, BT.709 primaries, Hable's curve without desaturation, full-range RGB out.
+TONE_MAP = (
+    "zscale=t=linear:npl=100,format=gbrpf32le,zscale=p=709,tonemap=tonemap=hable:desat=0{peak},"
+    "zscale=t=709:m=709:r=full,format=rgb24"
+)
+
+
+def tone_mapped_frame(src: Path, at: float, out_dir: Path, *, peak: str = ":peak=10") -> Image.Image:
+    """The HDR source's frame at ``at`` seconds tone-mapped to SDR by ffmpeg (``TONE_MAP``)."""
+    out = out_dir / f"tone-mapped-{src.stem}-{at:.3f}.png"
+    select = f"select=gte(t\\,{at - 0.001}),"
+    make_media(out, ["-i", str(src), "-vf", select + TONE_MAP.format(peak=peak), "-frames:v", "1"])
+    with Image.open(out) as img:
+        return img.convert("RGB")
+
+
+def hdr_clip_args(transfer: str, *, seconds: float = 2, size: str = "320x240", x265: str = "") -> list[str]:
+    """ffmpeg arguments for testsrc2 graded into 10-bit HEVC BT.2020 with ``transfer`` ("smpte2084"
+    or "arib-std-b67"), SDR white at 100 nits; ``x265``: more x265 parameters (HDR10 metadata)."""
+    grade = (
+        "format=gbrpf32le,setparams=color_primaries=bt709:color_trc=bt709:colorspace=gbr:range=pc,"
+        f"zscale=t=linear:npl=100,zscale=p=2020,zscale=t={transfer}:m=2020_ncl:r=limited:npl=100,format=yuv420p10le"
+    )
+    params = f"log-level=error:keyint=25:colorprim=bt2020:colormatrix=bt2020nc:transfer={transfer}"
+    return ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration={seconds}", "-vf", grade,
+            "-c:v", "libx265", "-tag:v", "hvc1", "-x265-params", params + (f":{x265}" if x265 else "")]  # fmt: skip

@@ -15,6 +15,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
 import pytest
 from PIL import Image, ImageStat
 
@@ -245,6 +246,25 @@ def test_rotated_video_comes_out_upright(rotated_clip: Path, pipeline: Any, look
 )
 def test_frame_rate_is_capped_by_whole_divisions(source: str | None, max_fps: float, expected: str) -> None:
     assert stages._target_rate(source, max_fps) == Fraction(expected)
+
+
+@pytest.mark.parametrize(
+    ("rate", "expected", "frames"),
+    [("60", 60.0, 60), ("50", 50.0, 50), ("60000/1001", 59.94, 60), ("120", 60.0, 60), ("30", 30.0, 30)],
+)
+def test_50_and_60_fps_are_kept(
+    rate: str, expected: float, frames: int, media: Any, pipeline: Any, looker: Any
+) -> None:
+    """Sport, games and phones' 60 fps mode: the default keeps up to 60 (it was 30, halving them)."""
+    assert Profiles().video.max_fps == 60
+    src = media.video(f"rate-{rate.replace('/', '-')}.mp4", seconds=1, size="160x120", rate=rate, audio=False)
+    run = pipeline(src)
+    assert run["normalize"].video.fps == pytest.approx(expected, abs=0.01)
+    (out,) = run["mux"].outputs
+    seen = looker(run.dir("mux") / out.file)
+    assert seen.video_frames == pytest.approx(frames, abs=1)
+    with av.open(str(run.dir("mux") / out.file)) as ct:
+        assert float(ct.streams.video[0].average_rate) == pytest.approx(expected, abs=0.01)
 
 
 @pytest.mark.parametrize(

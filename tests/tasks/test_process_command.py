@@ -14,7 +14,17 @@ import pytest
 from PIL import Image, ImageOps
 
 from tests.conftest import TESTDATA, run_process_command
-from tests.media import best_matching_frame, make_media, quicktime_without_ftyp, with_id3
+from tests.media import (
+    best_matching_frame,
+    colour_difference,
+    hdr_clip_args,
+    make_media,
+    quicktime_without_ftyp,
+    source_frame,
+    ssim,
+    tone_mapped_frame,
+    with_id3,
+)
 
 pillow_heif.register_heif_opener()
 REAL = sorted((TESTDATA / "real").iterdir())
@@ -157,6 +167,26 @@ def _made_files(root: Path) -> dict[str, Path]:
         ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=0.4", "-f", "lavfi", "-i", "sine=duration=0.4",
          "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac"],
     )  # fmt: skip
+    # 60 fps, a phone held upright (a rotation matrix), HDR10 and HLG, a WebM cut off mid-upload.
+    files["sixty.mp4"] = make_media(
+        root / "sixty.mp4",
+        ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=60:duration=2", *_A, *_H264, "-c:a", "aac"],
+    )
+    plain = make_media(root / "landscape.mp4", [*_V, *_A, *_H264, "-c:a", "aac"])
+    files["portrait.mp4"] = make_media(
+        root / "portrait.mp4", ["-display_rotation:v:0", "90", "-i", str(plain), "-c", "copy"]
+    )
+    for name, transfer in (("hdr10.mp4", "smpte2084"), ("hlg.mp4", "arib-std-b67")):
+        hdr = make_media(root / f"video-{name}", hdr_clip_args(transfer, size="320x180"))
+        files[name] = make_media(root / name, ["-i", str(hdr), *_A, "-map", "0:v", "-map", "1:a", "-c:v", "copy",
+                                               "-c:a", "aac"])  # fmt: skip
+    whole = make_media(
+        root / "whole.webm",
+        ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=4", "-f", "lavfi", "-i", "sine=duration=4",
+         "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-g", "25", "-c:a", "libopus"],
+    )  # fmt: skip
+    files["cut-off.webm"] = root / "cut-off.webm"
+    files["cut-off.webm"].write_bytes(whole.read_bytes()[: whole.stat().st_size * 6 // 10])
     # A HEIF image sequence with no primary image (a burst): its first picture is the image.
     files["burst.heic"] = make_media(
         root / "burst.heic",
@@ -174,7 +204,16 @@ EXPECTED_MADE = {n: (kind, seconds) for n, (_, kind, seconds) in MADE.items()} |
     "burst.heic": ("image", 0.0),
     "podcast.mp4": ("video", 12.0),
     "blink.mp4": ("video", 0.4),
+    "sixty.mp4": ("video", 2.0),
+    "portrait.mp4": ("video", 2.0),
+    "hdr10.mp4": ("video", 2.0),
+    "hlg.mp4": ("video", 2.0),
+    "cut-off.webm": ("video", 0.0),  # as far as it decodes: checked below
 }
+# What a viewer would notice, per file: frame rate, width x height as shown, colour signalling.
+FPS = {"sixty.mp4": 60.0, "phone.3gp": 15.0}
+SHOWN = {"portrait.mp4": (120, 160), "hdr10.mp4": (320, 180), "hlg.mp4": (320, 180)}
+HDR_SOURCES = {"hdr10.mp4", "hlg.mp4"}
 
 
 @pytest.fixture(scope="module")
@@ -192,9 +231,10 @@ def _decoded(path: str) -> dict:
         if ct.streams.video:
             vs = ct.streams.video[0]
             frames = [f.time for f in ct.decode(vs)]
-            found.update(video=vs.codec_context.codec.canonical_name, frames=len(frames),
-                         width=vs.codec_context.width, height=vs.codec_context.height,
-                         fps=float(vs.average_rate or vs.guessed_rate or 0), last=max(frames))  # fmt: skip
+            cc = vs.codec_context
+            found.update(video=cc.codec.canonical_name, frames=len(frames), width=cc.width, height=cc.height,
+                         fps=float(vs.average_rate or vs.guessed_rate or 0), last=max(frames),
+                         colour=(cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range))  # fmt: skip
     with av.open(path) as ct:
         if ct.streams.audio:
             ac = ct.streams.audio[0].codec_context
@@ -219,14 +259,29 @@ def test_every_kind_of_file_people_have_completes(made, name):
         return
     (main,) = _outputs(report, kind)
     got = _decoded(main["path"])
+    if name == "cut-off.webm":  # processed as far as it decodes, sound and picture alike
+        assert 1.0 <= got["last"] <= 4.0 and got["seconds"] == pytest.approx(got["last"], abs=0.3)
+        duration = got["seconds"]
     if kind == "video":
         assert got["video"] == "av1" and got["audio"] == "opus"
+        assert got["fps"] == pytest.approx(FPS.get(name, 25.0), abs=0.01)
         if name != "podcast.mp4":  # one picture, shown for all of the sound
-            assert got["frames"] >= duration * 15 - 2
+            assert got["frames"] >= duration * FPS.get(name, 25.0) - 2
             assert got["last"] == pytest.approx(duration, abs=0.2)
+        assert (got["width"], got["height"]) == SHOWN.get(name, (got["width"], got["height"]))
+        # 8-bit BT.709 (or BT.601 for SD) SDR, said in the file: never PQ (16) or HLG (18).
+        assert got["colour"] in ((1, 1, 1, 1), (6, 6, 6, 1)), got["colour"]
         (thumb,) = _outputs(report, "thumbnail")
         with Image.open(thumb["path"]) as img:
-            at, score, cast = best_matching_frame(files[name], img.convert("RGB"))
+            picture = img.convert("RGB")
+        assert (picture.width < picture.height) == (got["width"] < got["height"])
+        if name in HDR_SOURCES:
+            # Compared with the source tone-mapped by ffmpeg apart from the pipeline, at 1 s.
+            reference = tone_mapped_frame(files[name], 1.0, files[name].parent)
+            assert ssim(source_frame(Path(main["path"]), 1.0), reference) >= 0.9
+            assert colour_difference(source_frame(Path(main["path"]), 1.0), reference) <= 8
+        else:
+            at, score, cast = best_matching_frame(files[name], picture)
             assert score >= 0.85 and cast <= 8, (at, score, cast)
     else:
         assert "video" not in got and got["audio"] == "opus"
