@@ -145,3 +145,114 @@ pg_reap_throwaways() {
     pg_stop_throwaway
   done
 }
+
+# --- RabbitMQ for the other-broker test (tests/tasks/test_rabbitmq.py) ---------------------------
+
+# Does an AMQP broker let us in at this URL? (kombu comes with the venv.)
+amqp_reachable() {
+  "$PY" - "$1" <<'PY'
+import sys, kombu
+try:
+    conn = kombu.Connection(sys.argv[1], connect_timeout=3)
+    conn.ensure_connection(max_retries=1, timeout=5)
+    conn.close()
+except Exception as exc:
+    print(f"    ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})", file=sys.stderr)
+    sys.exit(1)
+PY
+}
+
+RABBIT_BIN=/usr/lib/rabbitmq/bin  # Debian's: the scripts themselves, not /usr/sbin's wrappers
+
+ensure_rabbitmq_binaries() {
+  [ -x "$RABBIT_BIN/rabbitmq-server" ] && return 0
+  log "installing rabbitmq-server"
+  apt_install rabbitmq-server
+}
+
+# A throwaway node: its own name, AMQP, distribution and epmd ports on 127.0.0.1, its mnesia,
+# config, plugins (none) and cookie in a temporary directory; user guest (loopback only). Sets
+# AMQP_URL; rabbit_stop_throwaway stops and removes it. As root the node runs as the unprivileged
+# `rabbitmq` user that Debian's package creates. RABBIT_START_SECONDS bounds the start.
+RABBIT_TMP=""
+RABBIT_AS=()
+RABBIT_ENV=()
+rabbit_start_throwaway() {
+  local amqp dist epmd pid started
+  rabbit_reap_throwaways
+  read -r amqp dist epmd < <("$PY" -c '
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))')
+  RABBIT_TMP=$(mktemp -d "${TMPDIR:-/tmp}/cpc-rabbit.XXXXXX")
+  echo $$ >"$RABBIT_TMP/owner"
+  echo "$epmd" >"$RABBIT_TMP/epmd-port"
+  # The delivery acknowledgement timeout a deployment needs too (docs/deployment.md, "Brokers"):
+  # 2 x CELERY_TASK_TIME_LIMIT + 600 s, so a long encode is never taken from its worker.
+  printf 'consumer_timeout = 7800000\n' >"$RABBIT_TMP/rabbitmq.conf"
+  echo '[].' >"$RABBIT_TMP/enabled_plugins"
+  : >"$RABBIT_TMP/rabbitmq-env.conf"  # not /etc/rabbitmq's (its node name, its listeners)
+  RABBIT_AS=()
+  if [ "$(id -u)" = 0 ]; then
+    chown -R rabbitmq: "$RABBIT_TMP"
+    RABBIT_AS=(runuser -u rabbitmq --)
+  fi
+  RABBIT_ENV=(env "HOME=$RABBIT_TMP" "RABBITMQ_NODENAME=cpc-test-$$@localhost"
+    "RABBITMQ_NODE_IP_ADDRESS=127.0.0.1" "RABBITMQ_NODE_PORT=$amqp" "RABBITMQ_DIST_PORT=$dist"
+    "ERL_EPMD_PORT=$epmd" "ERL_EPMD_ADDRESS=127.0.0.1"
+    "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=-kernel inet_dist_use_interface {127,0,0,1}"
+    "RABBITMQ_CONFIG_FILE=$RABBIT_TMP/rabbitmq.conf" "RABBITMQ_CONF_ENV_FILE=$RABBIT_TMP/rabbitmq-env.conf"
+    "RABBITMQ_ENABLED_PLUGINS_FILE=$RABBIT_TMP/enabled_plugins" "RABBITMQ_MNESIA_BASE=$RABBIT_TMP/mnesia"
+    "RABBITMQ_PID_FILE=$RABBIT_TMP/node.pid" "RABBITMQ_LOG_BASE=$RABBIT_TMP/log" "RABBITMQ_LOGS=-")
+  # (cd: the rabbitmq user may not be allowed into the caller's directory)
+  (cd "$RABBIT_TMP" && exec "${RABBIT_AS[@]}" "${RABBIT_ENV[@]}" "$RABBIT_BIN/rabbitmq-server") \
+    >"$RABBIT_TMP/server.log" 2>&1 &
+  pid=$!
+  AMQP_URL="amqp://guest:guest@127.0.0.1:$amqp//"
+  started=$SECONDS
+  until amqp_reachable "$AMQP_URL" 2>/dev/null; do
+    if ! kill -0 "$pid" 2>/dev/null || [ $((SECONDS - started)) -ge "${RABBIT_START_SECONDS:-90}" ]; then
+      tail -n 30 "$RABBIT_TMP/server.log" >&2
+      if kill -0 "$pid" 2>/dev/null; then
+        log "FAILED: the throwaway RabbitMQ did not accept AMQP on port $amqp within ${RABBIT_START_SECONDS:-90} s (its log: above)"
+      else
+        log "FAILED: the throwaway RabbitMQ exited while starting (its log: above)"
+      fi
+      rabbit_stop_throwaway
+      return 1
+    fi
+    sleep 0.5
+  done
+  log "RabbitMQ $(sed -n 's/.*Starting RabbitMQ \([0-9.]*\).*/\1/p' "$RABBIT_TMP/server.log" | head -n1) node up after $((SECONDS - started)) s"
+}
+
+rabbit_stop_throwaway() {
+  [ -n "$RABBIT_TMP" ] || return 0
+  local pid
+  pid=$(cat "$RABBIT_TMP/node.pid" 2>/dev/null) || true
+  (cd "$RABBIT_TMP" && timeout 30 "${RABBIT_AS[@]}" "${RABBIT_ENV[@]}" "$RABBIT_BIN/rabbitmqctl" -q shutdown \
+    >/dev/null 2>&1) || true
+  # A node that would not stop, or whose CLI could not reach it: its own pid file says which process.
+  if [ -n "$pid" ] && { tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null | grep -qxF "HOME=$RABBIT_TMP"; then
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  epmd -port "$(cat "$RABBIT_TMP/epmd-port")" -kill >/dev/null 2>&1 || true  # our node's own epmd
+  rm -rf "$RABBIT_TMP"
+  RABBIT_TMP=""
+}
+
+# Throwaway nodes of earlier runs killed before their clean-up ran (their owner is gone).
+rabbit_reap_throwaways() {
+  local dir owner
+  for dir in "${TMPDIR:-/tmp}"/cpc-rabbit.*; do
+    [ -f "$dir/owner" ] || continue
+    owner=$(cat "$dir/owner")
+    [ -d "/proc/$owner" ] && continue
+    log "removing the throwaway RabbitMQ node of a run that was killed ($dir)"
+    RABBIT_TMP=$dir
+    RABBIT_AS=()
+    RABBIT_ENV=(env "HOME=$dir" "RABBITMQ_NODENAME=cpc-test-$owner@localhost" "ERL_EPMD_PORT=$(cat "$dir/epmd-port")")
+    rabbit_stop_throwaway
+  done
+}

@@ -13,6 +13,8 @@
 # when we can log in there; otherwise a throwaway cluster on a free port in a temporary directory
 # (installed with apt first if need be), stopped and removed when this script ends. Each run's test
 # database has a name of its own (tests/env_plugin.py), so runs can share a server.
+# RabbitMQ, for the other-broker test, is the broker at TEST_AMQP_URL (default
+# amqp://guest:guest@127.0.0.1:5672//) when it lets us in; otherwise a throwaway node, likewise.
 # The exit status is non-zero if either pass fails, and when the PostgreSQL pass finds no test.
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -24,6 +26,12 @@ command -v chromium >/dev/null || { log "installing chromium"; apt_install chrom
 # The no-file-access proof for hostile ffmpeg inputs traces ffmpeg's system calls.
 command -v strace >/dev/null || { log "installing strace"; apt_install strace; }
 
+# Throwaway servers started below are stopped and removed however this script ends.
+stop_throwaways() { rabbit_stop_throwaway; pg_stop_throwaway; }
+trap stop_throwaways EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
 mode=${TEST_POSTGRES:-auto}
 case "$mode" in
   auto) if [ $# -eq 0 ]; then postgres=1; else postgres=0; fi ;;
@@ -31,6 +39,17 @@ case "$mode" in
   0) postgres=0 ;;
   *) log "TEST_POSTGRES must be auto, 1, only or 0 (not '$mode')"; exit 2 ;;
 esac
+
+# The SQLite pass runs tests/tasks/test_rabbitmq.py against the RabbitMQ at TEST_AMQP_URL (default
+# the local one on 5672) when it lets us in; otherwise against a throwaway node on free ports in a
+# temporary directory (rabbitmq-server installed with apt first if need be), removed at the end.
+AMQP_URL=${TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672//}
+if [ "$mode" != only ] && ! amqp_reachable "$AMQP_URL"; then
+  log "no RabbitMQ at $(printf '%s' "$AMQP_URL" | sed -E 's#//([^:@/]*):[^@/]*@#//\1:***@#'): starting a throwaway node"
+  ensure_rabbitmq_binaries
+  rabbit_start_throwaway
+fi
+export TEST_AMQP_URL=$AMQP_URL
 
 rc_sqlite=0
 if [ "$mode" != only ]; then
@@ -42,9 +61,6 @@ if [ "$mode" != only ]; then
 fi
 [ "$postgres" = 1 ] || exit "$rc_sqlite"
 
-trap pg_stop_throwaway EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 PG_URL=${TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 shown=$(printf '%s' "$PG_URL" | sed -E 's#//([^:@/]*):[^@/]*@#//\1:***@#')  # no password in logs
 if pg_reachable "$PG_URL"; then
