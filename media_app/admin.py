@@ -90,7 +90,7 @@ class MediaItemAdmin(admin.ModelAdmin):
     search_fields = ("id", "original_name", "owner__username")
     list_select_related = ("owner",)
     date_hierarchy = "created_at"
-    actions = ("retry", "reprocess", "cancel")
+    actions = ("process", "retry", "reprocess", "cancel")
     inlines = (RenditionInline, StatusEventInline)
     fieldsets = (
         (None, {"fields": ("id", "original_name", "owner", "kind", "status", "stage", "progress", "attempts")}),
@@ -192,6 +192,18 @@ class MediaItemAdmin(admin.ModelAdmin):
             self.message_user(request, f"Skipped {len(names)}: {reason}: {shown}.", messages.WARNING)
         if not n and not report.skipped:
             self.message_user(request, "No items selected.", messages.WARNING)
+
+    @admin.action(description="Process now (uploaded: start; failed: resume; completed: from scratch)",
+                  permissions=["change"])  # fmt: skip
+    def process(self, request: HttpRequest, queryset: QuerySet[MediaItem]) -> None:
+        """The task manager's ``create_processing_task``, with the admin's name in the history."""
+
+        def start(*, item_id: Any) -> None:
+            ops.create_processing_task(
+                item_id, title="Processing requested in the admin", description=str(request.user)
+            )
+
+        self._report(request, "Queued:", ops.action_apply(items=queryset, action=start))
 
     @admin.action(description="Retry failed items (resume at the failed stage)", permissions=["change"])
     def retry(self, request: HttpRequest, queryset: QuerySet[MediaItem]) -> None:

@@ -217,3 +217,28 @@ def test_detail_page_shows_history_error_detail_and_outputs_with_previews(staff_
 
     found = staff_client.get(CHANGELIST, {"q": str(item.pk)}).content.decode()
     assert "holiday.png" in found and "1 media item" in found
+
+
+@pytest.mark.django_db(transaction=True)
+def test_process_now_goes_through_the_task_manager_api_for_each_kind_of_item(
+    staff_client, make_user, make_item, tmp_path, monkeypatch
+):
+    """An upload whose bytes arrived but was never completed starts; a failed one resumes; one
+    already queued is refused; each queued item notes why in its history."""
+    sent: list[Any] = []
+    monkeypatch.setattr(celery_app, "send_task", lambda *a, **k: sent.append((a[0], k["args"][0])))
+    stuck = make_item(drawn_image(tmp_path / "stuck.jpg"))
+    failed = make_item(drawn_image(tmp_path / "failed.jpg"))
+    set_state(item_id=failed.pk, status="Failed", error=ErrorReport("internal", "boom"))
+    queued = make_item(drawn_image(tmp_path / "queued.jpg"))
+    assert media_processing_start(item=queued)
+    sent.clear()
+
+    messages = act(staff_client, "process", stuck, failed, queued)
+
+    assert messages == ["Queued: 2 items.", "Skipped 1: already queued or processing: queued.jpg."]
+    assert sorted(sent) == sorted([("media.process", str(stuck.pk)), ("media.process", str(failed.pk))])
+    for item in (stuck, failed):
+        item.refresh_from_db()
+        assert item.is_queued
+        assert _events(item)[-1] == "Task: Processing requested in the admin - operator"
