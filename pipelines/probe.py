@@ -79,6 +79,7 @@ class StreamInfo:
     sample_rate: int | None = None
     channels: int | None = None
     channel_layout: str | None = None
+    bit_rate: int | None = None  # the stream's; for a lone audio stream, the file's if need be
     duration: float | None = None
     # Cover art (an MP3's or M4A's picture) is stored as a one-frame video stream: not a video.
     attached_pic: bool = False
@@ -159,6 +160,10 @@ def _probe_in_child(path: str, ffmpeg_format: str | None, limits: Limits) -> Med
                 )
                 streams = tuple(found if s is video else s for s in streams)
             duration = ct.duration / 1_000_000 if ct.duration and ct.duration > 0 else None
+            media = [s for s in streams if s.kind != "other" and not s.attached_pic]
+            if len(media) == 1 and media[0].kind == "audio" and media[0].bit_rate is None and ct.bit_rate:
+                # Opus or Vorbis alone in Ogg/WebM: no stream bitrate, but the file's is the sound's.
+                streams = tuple(replace(s, bit_rate=int(ct.bit_rate)) if s is media[0] else s for s in streams)
             return MediaInfo(
                 container=ct.format.name,
                 duration=duration,
@@ -204,6 +209,7 @@ def _stream_info(container: Any, stream: Any) -> StreamInfo:
             fps=float(rate) if rate else None,
             frame_rate=f"{rate.numerator}/{rate.denominator}" if rate else None,
             sample_aspect=float(sar) if sar and sar > 0 else 1.0,
+            bit_rate=int(stream.bit_rate or cc.bit_rate or 0) or None,
             pix_fmt=cc.pix_fmt,
             color_range={1: "tv", 2: "pc"}.get(int(cc.color_range or 0)),
             color_space=_COLOR_SPACES.get(int(cc.colorspace or 2)),
@@ -221,6 +227,7 @@ def _stream_info(container: Any, stream: Any) -> StreamInfo:
             sample_rate=cc.sample_rate or None,
             channels=(layout.nb_channels if layout is not None else None) or None,
             channel_layout=layout.name if layout is not None else None,
+            bit_rate=int(stream.bit_rate or cc.bit_rate or 0) or None,
             duration=duration,
         )
     return StreamInfo(index=stream.index, kind="other", codec=codec, duration=duration)

@@ -20,6 +20,9 @@ class VideoProfile:
     max_width: int = 1920
     max_height: int = 1080
     max_fps: float = 60.0
+    # Capped CRF: at most this share of the source's video bitrate, so that a small, already
+    # efficient upload does not come out bigger (0 turns the cap off).
+    source_bitrate_share: float = 0.8
     pix_fmt: str = "yuv420p"
     # DASH segments are cut on keyframes, so the GOP is the segment length.
     segment_seconds: float = 4.0
@@ -28,7 +31,11 @@ class VideoProfile:
 @dataclass(frozen=True)
 class AudioProfile:
     codec: str = "libopus"
-    bitrate: str = "128k"
+    bitrate: str = "128k"  # for stereo; mono gets half
+    # From a lossy source, at most this share of the source's bitrate: Opus sounds at least as
+    # good as MP3/AAC at fewer bits, and more bits would only make the file bigger.
+    lossy_source_share: float = 0.85
+    min_bitrate: str = "8k"  # never below (AMR voice memos run at 4.75 to 12.2 kb/s)
     sample_rate: int = 48000  # Opus only runs at 48 kHz (or its divisors)
     max_channels: int = 2
     # EBU R128 loudness normalisation targets (integrated, true peak, range).
