@@ -122,8 +122,56 @@ def s3_object_name(storage: Any, key: str) -> str:
 # --- create -----------------------------------------------------------------------------------
 
 
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+# Name endings and declared types that no accepted file ever has (programs, scripts, pages,
+# markup, documents, archives): refused at create, before any byte, with the answer the upload
+# would get. A narrow first filter only: a name proves nothing (a photo may be called `photo`,
+# or `IMG_1234.JPG.download`), so anything not listed is created and judged by its bytes, which
+# stay the real check (a `.jpg` that is a PHP script is refused when its first bytes arrive).
+NEVER_EXTENSIONS = _words(
+    """
+    php php3 php4 php5 php7 php8 phtml pht phps phar asp aspx ascx ashx asmx jsp jspx cfm cgi
+    pl py pyc rb sh bash zsh csh ksh ps1 psm1 bat cmd vbs vbe wsf wsh hta
+    html htm xhtml xht shtml mht mhtml svg svgz xml xsl xslt js mjs cjs css json wasm swf
+    exe dll com scr pif msi msp cpl sys ocx jar class apk aab ipa dmg pkg deb rpm so dylib lnk reg
+    pdf doc docx xls xlsx ppt pptx odt ods odp rtf txt csv md zip rar 7z gz tgz bz2 xz tar iso
+    """
+)
+NEVER_TYPES = _words(
+    """
+    image/svg+xml application/x-php application/x-httpd-php application/php application/javascript
+    application/x-javascript application/ecmascript application/xhtml+xml application/xml
+    application/json application/wasm application/x-sh application/x-csh application/x-msdownload
+    application/x-msdos-program application/x-dosexec application/x-executable
+    application/vnd.microsoft.portable-executable application/java-archive application/x-java-archive
+    application/x-shockwave-flash application/pdf application/zip application/x-bat application/hta
+    """
+)
+NEVER_TYPE_FAMILIES = ("text/",)  # text/html, text/x-php, text/javascript, text/plain …
+
+
+def never_accepted(file_name: str, content_type: str) -> str | None:
+    """What in the name or declared type can never be accepted, said for people; else None."""
+    # Windows drops trailing dots and spaces: "shell.php." is saved as "shell.php".
+    stem, dot, ext = file_name.rstrip(". ").rpartition(".")
+    ext = ext.lower() if dot and stem else ""
+    if ext in NEVER_EXTENSIONS:
+        return f"{ext.upper()} files"
+    declared = content_type.split(";")[0].strip().lower()
+    if declared in NEVER_TYPES or declared.startswith(NEVER_TYPE_FAMILIES):
+        return f"{declared} files"
+    return None
+
+
 def upload_create(*, owner: Any, file_name: str, size: int, content_type: str = "") -> MediaItem:
-    """A Pending item awaiting ``size`` bytes, if the owner's limits allow it."""
+    """A Pending item awaiting ``size`` bytes, if its name, type and the owner's limits allow it."""
+    refused = never_accepted(clean_file_name(file_name), content_type)
+    if refused:
+        # The code and status the upload itself would get once its bytes were sniffed.
+        raise UploadRefused("unsupported_type", f"{refused} are not accepted here; send a video, audio or image file.")
     if size < 1:
         raise UploadRefused("invalid", "The file is empty; there is nothing to upload.")
     if size > settings.UPLOAD_MAX_BYTES:
