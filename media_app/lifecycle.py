@@ -4,7 +4,7 @@ Each transition is one conditional ``UPDATE … WHERE <the states it may start f
 or changes nothing, and says which. When it applies it writes its history row and broadcasts the
 new state through ``transaction.on_commit``, so a watcher never sees a state that is then rolled
 back, and work it queues is sent only once the state that explains it is committed. No other
-module writes ``status``, ``stage``, ``progress``, ``attempts``, ``queued_at``,
+module writes ``status``, ``stage``, ``progress``, ``attempts``, ``queued_at``, ``waiting_since``,
 ``upload_finished_at`` or the error fields (``tests/media_app/test_lifecycle_ownership.py``
 checks).
 
@@ -14,14 +14,20 @@ The state table (``docs/decisions.md`` gives the race each guard closes)::
     upload_finished   Pending, upload open                          Pending, upload finished
     queued            Pending, upload finished, not queued          Pending, queued; task sent after commit
     chain_started     Pending, queued under this very task id       Pending, task id of the chain's first link
-    stage_started     Pending queued, or Processing                 Processing at the stage, attempt n
-    stage_finished    Processing at that stage                      progress at the stage's end
+    stage_started     Pending queued, or Processing                 Processing at the stage, attempt n, not waiting
+    stage_finished    Processing at that stage                      progress at the stage's end, waiting since now
     progressed        Processing, below that progress               that progress (no history row)
     completed         Processing                                    Completed, 100 %
     failed            Pending or Processing                         Failed with a reason
     cancelled         Pending or Processing                         Failed/cancelled; its task killed after commit
     reset             Failed (retry), Completed or Failed (reprocess)  Pending, upload finished, not queued
     requeued          Pending queued or Processing, unchanged       same state, new task id; sent after commit
+
+An item *waits for a worker* while it is Pending and queued, or Processing between two stages
+(``waiting_since`` set by ``stage_finished``, cleared by ``stage_started``): its next task sits in
+a broker queue. ``media_app.selectors`` tells its place in that line; when an item leaves a line
+(its stage starts), the first ``LINE_NOTIFY`` still waiting there are told their new place.
+A deleted item's last event says so (``deleted``), so no watcher offers to retry it.
 """
 
 from __future__ import annotations
@@ -75,24 +81,35 @@ def owner_group(owner_id: Any) -> str:
     return f"media.owner.{owner_id}"
 
 
-def broadcast(item: MediaItem) -> None:
-    """Send the item's state to its watchers. Best effort: the saved state is the truth."""
+def broadcast(item: MediaItem, *, deleted: bool = False) -> None:
+    """Send the item's state to its watchers. Best effort: the saved state is the truth.
+    ``deleted``: the item is being removed, and the event says so (nothing left to retry)."""
+    broadcast_many([item], deleted=deleted)
+
+
+def broadcast_many(items: Iterable[MediaItem], *, deleted: bool = False) -> None:
+    """``broadcast`` for several items in one trip: each async_to_sync call from a worker starts
+    a loop and a Redis connection of its own (a third of the worker's Python CPU)."""
     from media_app.selectors import media_item_payload
 
     layer = get_channel_layer()
     if layer is None:
         return
-    event = {"type": "media.status", "item": media_item_payload(item)}
+    sends = []
+    for item in items:
+        payload = media_item_payload(item, with_outputs=not deleted, deleted=deleted)
+        event = {"type": "media.status", "item": payload}
+        sends += [(item_group(item.pk), event), (owner_group(item.owner_id), event)]
+    if not sends:
+        return
     try:
-        # One trip into the event loop for both groups: each async_to_sync call from a worker
-        # starts a loop and a Redis connection of its own (a third of the worker's Python CPU).
-        async_to_sync(_group_send_all)(layer, (item_group(item.pk), owner_group(item.owner_id)), event)
+        async_to_sync(_group_send_all)(layer, sends)
     except Exception:
-        logger.warning("broadcast failed for %s", item.pk, exc_info=True)
+        logger.warning("broadcast failed for %s", [str(s[1]["item"]["id"]) for s in sends[::2]], exc_info=True)
 
 
-async def _group_send_all(layer: Any, groups: Iterable[str], event: dict[str, Any]) -> None:
-    for group in groups:
+async def _group_send_all(layer: Any, sends: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    for group, event in sends:
         await layer.group_send(group, event)
 
 
@@ -108,6 +125,7 @@ def _apply(
     error_code: str = "",
     history: bool = True,
     after_commit: Callable[[MediaItem], None] | None = None,
+    deleted: bool = False,
 ) -> MediaItem | None:
     """One conditional UPDATE; on success a history row and, after commit, ``after_commit`` and
     the broadcast. Returns the item as updated, or None when the item is not in a state ``where``
@@ -131,7 +149,7 @@ def _apply(
             )
         if after_commit is not None:
             transaction.on_commit(lambda: after_commit(item))
-        transaction.on_commit(lambda: broadcast(item))
+        transaction.on_commit(lambda: broadcast(item, deleted=deleted))
     return item
 
 
@@ -224,6 +242,7 @@ def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int) -> i
         "task_id": task_id,
         "eta_seconds": None,
         "queued_at": None,
+        "waiting_since": None,
         "started_at": Coalesce(F("started_at"), Value(now, output_field=DateTimeField())),
         "finished_at": None,
     }
@@ -232,6 +251,9 @@ def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int) -> i
         item = _apply(item_id, QUEUED | Q(status=PROCESSING), changes, history=False)
         if item is None:
             return None
+        # It left its line: those behind it moved up.
+        kind = item.kind
+        transaction.on_commit(lambda: line_moved(kind=kind))
         attempt = item.attempts
         StatusEvent.objects.create(
             item=item,
@@ -261,6 +283,8 @@ def stage_finished(
         changes: dict[str, Any] = {
             "progress": Greatest(F("progress"), Value(min(progress, 99))),
             "peak_child_rss": Greatest(F("peak_child_rss"), Value(peak_child_rss)),
+            # Its next stage is queued now (or the chain's last link): it waits for a worker.
+            "waiting_since": timezone.now(),
         }
         if seconds is not None:
             changes["timings"] = {**(row["timings"] or {}), stage: round(seconds, 3)}
@@ -292,6 +316,7 @@ def completed(*, item_id: Any) -> bool:
         "stage": "",
         "progress": 100,
         "eta_seconds": None,
+        "waiting_since": None,
         "finished_at": timezone.now(),
     }
     return _apply(item_id, Q(status=PROCESSING), changes, message="Completed") is not None
@@ -307,6 +332,7 @@ def failed(*, item_id: Any, error: ErrorReport, message: str = "", source_gone: 
         "error_detail": error.detail[-20000:],
         "eta_seconds": None,
         "queued_at": None,
+        "waiting_since": None,
         "finished_at": timezone.now(),
     }
     if source_gone:
@@ -315,9 +341,10 @@ def failed(*, item_id: Any, error: ErrorReport, message: str = "", source_gone: 
     return item is not None
 
 
-def cancelled(*, item_id: Any, message: str, code: str = "cancelled") -> bool:
+def cancelled(*, item_id: Any, message: str, code: str = "cancelled", deleted: bool = False) -> bool:
     """Stop a Pending or Processing item: Failed/cancelled, and after commit its current task is
-    revoked with SIGKILL (its ffmpeg dies with it).
+    revoked with SIGKILL (its ffmpeg dies with it). ``deleted``: the item is being removed; its
+    watchers are told so, and offered no retry.
 
     The row lock orders this against ``stage_started``: either the stage starts first, saves its
     task id and that id is the one killed, or the cancel commits first and the stage never runs.
@@ -334,6 +361,7 @@ def cancelled(*, item_id: Any, message: str, code: str = "cancelled") -> bool:
             "error_detail": "",
             "eta_seconds": None,
             "queued_at": None,
+            "waiting_since": None,
             "finished_at": timezone.now(),
         }
         item = _apply(
@@ -343,6 +371,7 @@ def cancelled(*, item_id: Any, message: str, code: str = "cancelled") -> bool:
             message=message,
             error_code=code,
             after_commit=lambda _it: jobs.revoke(task_id),
+            deleted=deleted,
         )
     logger.info("cancelled item=%s task=%s", item_id, task_id)
     return item is not None
@@ -360,6 +389,7 @@ def _reset(item_id: Any, from_statuses: Iterable[str], *, message: str, from_scr
         "eta_seconds": None,
         "task_id": "",
         "queued_at": None,
+        "waiting_since": None,
         "finished_at": None,
         # An upload refused half-way has no finished time; a retry needs its bytes anyway.
         "upload_finished_at": _now_if_unset("upload_finished_at"),
@@ -421,6 +451,8 @@ def requeued(
         changes: dict[str, Any] = {"task_id": task_id}
         if item.status == PENDING:
             changes["queued_at"] = timezone.now()
+        else:
+            changes["waiting_since"] = timezone.now()  # its stage goes to the back of the line
 
         def after_commit(it: MediaItem) -> None:
             jobs.revoke(kill)  # the hung copy first, then the new one
@@ -438,3 +470,44 @@ def requeued(
 def noted(*, item_id: Any, message: str) -> bool:
     """A line in the item's history (why it was queued, say) without a change of state."""
     return _apply(item_id, Q(), {}, message=message) is not None
+
+
+def deleted(*, item: MediaItem) -> None:
+    """The item's row is gone (deleted with its files): its watchers get a last event that says
+    so, after commit, with nothing to retry. ``item`` is the row as it was last read."""
+    item.event_seq += 1  # after every event the row sent; the row is gone, nothing is saved
+    transaction.on_commit(lambda: broadcast(item, deleted=True))
+
+
+# --- the line ------------------------------------------------------------------------------------
+
+# Waiting items told their new place when their line moves: the first ones, whose place matters
+# and changes most. The page says "10 or more ahead" beyond that, which stays true.
+LINE_NOTIFY = 10
+_last_line_notice: dict[str, float] = {}
+
+
+def line_moved(*, kind: str) -> None:
+    """An item of ``kind`` left its queue's line (its stage started): the item now first in line
+    is told it is next, every time; the first LINE_NOTIFY are told their new place (and wait) at
+    most once a second per queue and process, so a long line of quick steps (a camera roll's
+    images) costs a few broadcasts a second, not ten per step."""
+    from media_app.selectors import media_items_waiting_in
+
+    queue = jobs.queue_for(kind)
+    now = time.monotonic()
+    told = 1
+    if now - _last_line_notice.get(str(queue), 0.0) >= 1.0:
+        _last_line_notice[str(queue)] = now
+        told = LINE_NOTIFY
+    try:
+        with transaction.atomic():
+            first = list(media_items_waiting_in(queue).values_list("pk", flat=True)[:told])
+            # A new number for each, as for every event: a watcher drops a number it has seen.
+            # Not ``updated_at``: the item itself did not move (the watchdog and the time left
+            # read it).
+            MediaItem.objects.filter(pk__in=first).update(event_seq=F("event_seq") + 1)
+            told_items = list(media_items_waiting_in(queue).filter(pk__in=first))
+        broadcast_many(told_items)
+    except Exception:  # best effort, as every broadcast: the saved state is the truth
+        logger.warning("line notice failed for queue %s", queue, exc_info=True)

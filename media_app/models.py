@@ -49,6 +49,9 @@ class MediaItem(models.Model):
     upload_finished_at = models.DateTimeField(null=True, blank=True)
     # When the current run was queued (None while the upload is open and after a reset).
     queued_at = models.DateTimeField(null=True, blank=True)
+    # Processing between stages: when the last stage finished, so its next one waits for a worker
+    # of its queue since then. None while a stage runs (and in every other state).
+    waiting_since = models.DateTimeField(null=True, blank=True)
     # Only for revoking: the task that runs (or was last sent for) this item right now.
     task_id = models.CharField(max_length=64, blank=True)
     duration = models.FloatField(null=True, blank=True, help_text="Seconds of audio/video in the source.")

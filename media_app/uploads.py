@@ -427,10 +427,14 @@ def upload_delete(*, item: MediaItem) -> None:
         item.refresh_from_db()
         # Watchers see the end; the running task is killed after commit, and a stage that
         # escapes the kill sees Failed at its next cancel check.
-        lifecycle.cancelled(item_id=item.pk, message="The upload was deleted.")
+        lifecycle.cancelled(item_id=item.pk, message="The upload was deleted.", deleted=True)
+        item.refresh_from_db()
         staging_path(item.pk).unlink(missing_ok=True)
         media_item_remove_files(item, source=True)
         MediaItem.objects.filter(pk=item.pk).delete()
+        # The last word to other tabs and clients: it is gone (a Failed item would otherwise
+        # keep the Retry its failure offered).
+        lifecycle.deleted(item=item)
     logger.info("upload deleted item=%s", item.pk)
 
 

@@ -49,7 +49,7 @@ TYPE_ALIASES: dict[str, tuple[str, ...]] = {
 
 LOGIN_URL = reverse_lazy("login")
 # Bumped when page.js or page.css change, so browsers do not keep an old copy.
-ASSET_VERSION = "1"
+ASSET_VERSION = "2"
 
 
 def page_config(request: HttpRequest) -> dict[str, Any]:

@@ -44,6 +44,14 @@
   };
   const MAIN_ROLES = ["video", "audio", "image_avif", "image_webp"];
   const TONES = { Pending: "wait", Processing: "busy", Completed: "ok", Failed: "bad" };
+  // Who takes the next step of an item that waits in a queue (the payload's "queue").
+  const WORKERS = { video: "a video worker", default: "a worker" };
+  // Places in line the server keeps fresh as the line moves (lifecycle.LINE_NOTIFY); a place
+  // beyond may be out of date, and only "that many or more ahead" is sure.
+  const LINE_SHOWN = 10;
+  // Between two stages an item waits for a moment even on an idle worker: the wait is said only
+  // once it lasts, so a file alone does not flicker "Waiting…" at every step.
+  const WAIT_SHOWN_AFTER_MS = 1000;
   // Files sent at once: enough to keep the line busy, few enough that each moves visibly and the
   // server's limit of unfinished uploads per person is never reached by one page.
   const MAX_SENDING = 3;
@@ -101,6 +109,13 @@
     // Cleared first so the same words twice are read twice.
     announcer.textContent = "";
     window.setTimeout(() => { announcer.textContent = text; }, 50);
+  }
+
+  function waitingText(item) {
+    const who = WORKERS[item.queue] || "a worker";
+    const n = item.queue_position;
+    if (!n) return `Waiting for ${who}`;
+    return `Waiting for ${who} · ${n > LINE_SHOWN ? `${LINE_SHOWN} or more ahead` : `${ordinal(n)} in line`}`;
   }
 
   function ordinal(n) {
@@ -526,7 +541,10 @@
 
     setItem(item) {
       const before = this.item ? this.item.status : null;
+      if (item.waiting && !(this.item && this.item.waiting)) this.waitFrom = performance.now();
       this.item = item;
+      // The server's time left counts down here until the next event brings a new one.
+      this.etaFrom = item.eta_seconds != null ? performance.now() : null;
       if (item.size) this.size = item.size;
       this.setMeta();
       if (this.inUpload) return; // the upload bar speaks until the last byte is in
@@ -545,14 +563,11 @@
       } else {
         this.error("");
       }
+      this.node.dataset.waiting = String(status === "Pending" && Boolean(item.waiting));
       if (status === "Pending") {
-        const wait = item.queue_position ? `Waiting in queue · position ${item.queue_position}` : "Waiting to start…";
-        if (item.queue_position || this.session) this.bar("process", 0, wait);
+        if (item.waiting || this.session) this.bar("process", 0, item.waiting ? waitingText(item) : "Waiting to start…");
       } else if (status === "Processing") {
-        const parts = [STAGES[item.stage] || item.stage || "Starting", `${item.progress}%`];
-        if (item.eta_seconds != null) parts.push(`about ${formatDuration(item.eta_seconds)} left`);
-        if (item.attempts > 1) parts.push(`attempt ${item.attempts}`);
-        this.bar("process", item.progress, parts.join(" · "));
+        this.showProcessing();
       } else if (status === "Completed") {
         const took = item.started_at && item.finished_at
           ? ` in ${formatDuration((new Date(item.finished_at) - new Date(item.started_at)) / 1000)}` : "";
@@ -565,6 +580,33 @@
         const reason = status === "Failed" && item.error ? ` ${item.error.message}` : "";
         announce(`${this.name}: ${status}.${reason}`);
       }
+    }
+
+    showProcessing() {
+      // Between stages the next one waits for a worker: say so, with the place in line, rather
+      // than the name of a stage that is over.
+      const item = this.item;
+      const waiting = item.waiting && performance.now() - this.waitFrom >= WAIT_SHOWN_AFTER_MS;
+      this.node.dataset.waiting = String(waiting);
+      const parts = [waiting ? waitingText(item) : STAGES[item.stage] || item.stage || "Starting", `${item.progress}%`];
+      if (this.etaFrom != null) {
+        // Counted down from when it was told; once spent, no number is better than a wrong one.
+        const left = item.eta_seconds - (performance.now() - this.etaFrom) / 1000;
+        if (left >= 1) parts.push(`about ${formatDuration(left)} left`);
+      }
+      if (item.attempts > 1) parts.push(`attempt ${item.attempts}`);
+      this.bar("process", item.progress, parts.join(" · "));
+    }
+
+    gone() {
+      // Deleted here, in another tab or by an admin: the card goes, and nothing is offered.
+      if (this.upload && this.inUpload) this.upload.abort(false).catch(() => {});
+      this.phase = "removed";
+      this.clearResults();
+      this.node.remove();
+      if (this.itemId) cardsById.delete(this.itemId);
+      queue.update();
+      library.updateEmpty();
     }
 
     async loadDetail() {
@@ -966,6 +1008,17 @@
 
   function applyItem(item) {
     if (deleted.has(item.id)) return;
+    if (item.deleted) {
+      // The item's last event: it is gone (deleted in another tab, or by an admin).
+      deleted.add(item.id);
+      known.delete(item.id);
+      const card = cardsById.get(item.id);
+      if (card && card.phase !== "removed") { // not the card whose Delete this is
+        card.gone();
+        announce(`${card.name}: deleted`);
+      }
+      return;
+    }
     const merged = remember(item);
     if (!merged) return;
     const card = cardsById.get(item.id);
@@ -1176,5 +1229,14 @@
   }
   library.load(`${config.urls.media}?page_size=20`);
   connect();
+  // Time left counts down between events (a waiting item hears nothing until the line moves).
+  window.setInterval(() => {
+    for (const card of cardsById.values()) {
+      const item = card.item;
+      if (item && item.status === "Processing" && (card.etaFrom != null || item.waiting) && !card.inUpload) {
+        card.showProcessing();
+      }
+    }
+  }, 1000);
   document.documentElement.dataset.ready = "true"; // handlers are attached (tests wait for it)
 })();
