@@ -257,6 +257,12 @@ def _decoder_errors(limits: Limits) -> Iterator[None]:
                 detail=str(exc),
             ) from None
         raise InvalidInput(DAMAGED, detail=f"{type(exc).__name__}: {exc}") from None
+    except RuntimeError as exc:
+        # Pillow's AVIF plugin reports libavif's failures ("Failed to decode frame 0: Decoding of
+        # color planes failed", a grid or gain map it cannot build) as RuntimeError: the file's.
+        if "decod" not in str(exc).lower():
+            raise
+        raise InvalidInput(DAMAGED, detail=f"{type(exc).__name__}: {exc}") from None
 
 
 def _megapixels(pixels: int) -> str:

@@ -391,6 +391,13 @@ _OUT_OF_MEMORY = re.compile(r"Cannot allocate memory|out of memory", re.I)
 _NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded", re.I)
 _FILE_SIZE = re.compile(r"File too large", re.I)
 _MISSING = re.compile(r"No such file or directory|Input/output error|Permission denied", re.I)
+# What only our command line can cause: a filter, option or encoder we named wrongly.
+_OUR_FAULT = re.compile(
+    r"No such filter|Error (initializing|configuring|parsing) (a |the )?(complex )?filter|Option \S+ not found"
+    r"|Unrecognized option|Unknown encoder|Error while opening encoder|Could not open encoder|Encoder not found",
+    re.I,
+)
+_TIMESTAMPS = re.compile(r"non[- ]?monoton|unknown timestamp|invalid timestamp|timestamps are unset", re.I)
 _ERRORISH = re.compile(r"error|invalid|not found|fail|unsupported|whitelist|corrupt|cannot|could not", re.I)
 
 
@@ -414,12 +421,24 @@ def classify_failure(returncode: int, stderr: str) -> MediaError:
         return TooLarge("The converted file would be larger than we allow.", detail=detail)
     if _NO_SPACE.search(stderr):
         return TransientError("The server ran out of disk space while converting.", detail=detail)
+    if _OUR_FAULT.search(stderr):
+        return MediaError(
+            "Converting failed because of a fault on our side, not in your file.",
+            detail=f"ffmpeg exit {returncode}\n{detail}",
+        )
     for pattern, cls, message in _PERMANENT_PATTERNS:
         if pattern.search(stderr):
             return cls(message, detail=detail)
     if _MISSING.search(stderr):
         return TransientError("A working file went missing while converting.", detail=detail)
-    return MediaError("The converter failed on this file.", detail=f"ffmpeg exit {returncode}\n{detail}")
+    if _TIMESTAMPS.search(stderr):
+        return InvalidInput("The file's timing is damaged: its frames lack times or are out of order.", detail=detail)
+    # The file was probed and accepted, and ffmpeg stopped on its data for a reason not named
+    # above: the file's, like every decoder failure (our own faults are matched before).
+    return InvalidInput(
+        "The converter stopped on this file's data; the file is probably damaged.",
+        detail=f"ffmpeg exit {returncode}\n{detail}",
+    )
 
 
 def relevant_lines(stderr: str, *, limit: int = 4000) -> str:

@@ -662,3 +662,18 @@ def test_truncated_heif_image_sequence_is_damaged(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput) as caught:
         process(cut, tmp_path / "out")
     assert caught.value.message == DAMAGED
+
+
+def test_avif_libavif_cannot_decode_is_the_files_fault(tmp_path: Path) -> None:
+    """Pillow's AVIF plugin raises RuntimeError when libavif cannot decode (a broken grid, gain map
+    or payload): that is a damaged file (``invalid_input``), not "something went wrong on our side"."""
+    good = tmp_path / "good.avif"
+    Image.new("RGB", (256, 256), (200, 30, 30)).save(good, "AVIF", quality=60)
+    data = good.read_bytes()
+    payload = data.index(b"mdat") + 4
+    bad = tmp_path / "bad.avif"
+    bad.write_bytes(data[:payload] + bytes(len(data) - payload))
+    with pytest.raises(InvalidInput) as caught:
+        process(bad, tmp_path / "out")
+    assert caught.value.code == "invalid_input" and caught.value.message == DAMAGED
+    assert "RuntimeError" in caught.value.detail

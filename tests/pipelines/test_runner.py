@@ -199,12 +199,19 @@ def test_memory_limit_is_too_large(tmp_path: Path) -> None:
         (1, "Format hls not on whitelist 'mov,mp4'", InvalidInput),
         (1, "Error allocating frame: Cannot allocate memory", TooLarge),
         (1, "av_interleaved_write_frame(): No space left on device", TransientError),
+        # Issue 15: a failure on the file's data after a successful probe is the file's, not ours.
+        (1, "[vist#0:0/h264] Error submitting packet to decoder: Operation not permitted", InvalidInput),
+        (1, "[matroska] Can't write packet with unknown timestamp", InvalidInput),
+        (1, "[AVFilterGraph] No such filter: 'zscal'", MediaError),
+        (1, "Unknown encoder 'libfoo'", MediaError),
     ],
 )
 def test_failures_are_classified(returncode: int, stderr: str, expected: type[MediaError]) -> None:
     error = classify_failure(returncode, "frame=1\n" + stderr + "\nConversion failed!")
     assert type(error) is expected
     assert error.message and not error.message.startswith("[")  # a sentence for a person
+    if expected is MediaError:  # ours: internal, and the sentence says so
+        assert error.code == "internal" and "our side" in error.message
     if stderr:
         assert stderr in error.detail
 
