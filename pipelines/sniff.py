@@ -60,42 +60,58 @@ class Format:
     mime: str
     label: str
     ffmpeg_format: str | None = None  # None: an image, read by Pillow
+    # For the upload page's first filter (a browser's type is often empty or its own name): the
+    # file name endings and the other types browsers report for this format. The bytes decide.
+    extensions: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
 
 
 FORMATS: tuple[Format, ...] = (
     # Video containers (a probe may find only sound in them: then the item is audio).
-    Format("mp4", "video", "video/mp4", "MP4 video", _MOV),  # also 3GP/3G2 and brandless ISO files
-    Format("mov", "video", "video/quicktime", "QuickTime movie (MOV)", _MOV),
-    Format("webm", "video", "video/webm", "WebM video", "matroska,webm"),
-    Format("matroska", "video", "video/x-matroska", "Matroska video (MKV)", "matroska,webm"),
-    Format("avi", "video", "video/x-msvideo", "AVI video", "avi"),
-    Format("mpegts", "video", "video/mp2t", "MPEG transport stream (TS/MTS/M2TS)", "mpegts"),
-    Format("mpeg", "video", "video/mpeg", "MPEG program stream (MPG/VOB)", "mpeg"),
-    Format("mpegvideo", "video", "video/mpeg", "MPEG video stream", "mpegvideo"),
-    Format("flv", "video", "video/x-flv", "Flash Video (FLV)", "flv"),
-    Format("mxf", "video", "application/mxf", "MXF video", "mxf"),
+    Format("mp4", "video", "video/mp4", "MP4 video", _MOV,  # also 3GP/3G2 and brandless ISO files
+           (".mp4", ".m4v", ".3gp", ".3g2", ".3gpp"), ("video/3gpp", "video/3gpp2", "video/x-m4v")),
+    Format("mov", "video", "video/quicktime", "QuickTime movie (MOV)", _MOV, (".mov", ".qt")),
+    Format("webm", "video", "video/webm", "WebM video", "matroska,webm", (".webm",)),
+    Format("matroska", "video", "video/x-matroska", "Matroska video (MKV)", "matroska,webm", (".mkv",)),
+    Format("avi", "video", "video/x-msvideo", "AVI video", "avi", (".avi",), ("video/avi", "video/msvideo")),
+    Format("mpegts", "video", "video/mp2t", "MPEG transport stream (TS/MTS/M2TS)", "mpegts",
+           (".ts", ".mts", ".m2ts", ".m2t", ".tod"), ("video/vnd.dlna.mpeg-tts", "video/mp2ts")),
+    Format("mpeg", "video", "video/mpeg", "MPEG program stream (MPG/VOB)", "mpeg",
+           (".mpg", ".mpeg", ".vob", ".mod", ".m1v", ".m2v", ".mpv"), ("video/x-ms-vob", "video/dvd")),
+    Format("mpegvideo", "video", "video/mpeg", "MPEG video stream", "mpegvideo", (".m1v", ".m2v")),
+    Format("flv", "video", "video/x-flv", "Flash Video (FLV)", "flv", (".flv", ".f4v")),
+    Format("mxf", "video", "application/mxf", "MXF video", "mxf", (".mxf",)),
     # Audio.
-    Format("mp4", "audio", "audio/mp4", "MP4 audio (M4A)", _MOV),
-    Format("mp3", "audio", "audio/mpeg", "MP3 audio", "mp3"),
-    Format("aac", "audio", "audio/aac", "AAC audio (ADTS)", "aac"),
-    Format("flac", "audio", "audio/flac", "FLAC audio", "flac"),
-    Format("ogg", "audio", "audio/ogg", "Ogg audio", "ogg"),
-    Format("wav", "audio", "audio/wav", "WAV audio", "wav"),  # RIFF, RIFX, RF64 and BW64
-    Format("w64", "audio", "audio/x-w64", "Wave64 audio", "w64"),
-    Format("aiff", "audio", "audio/aiff", "AIFF audio", "aiff"),
-    Format("caf", "audio", "audio/x-caf", "Core Audio (CAF)", "caf"),
-    Format("wavpack", "audio", "audio/x-wavpack", "WavPack audio", "wv"),
-    Format("ac3", "audio", "audio/ac3", "AC-3 audio", "ac3"),
-    Format("eac3", "audio", "audio/eac3", "E-AC-3 audio", "eac3"),
-    Format("amr", "audio", "audio/amr", "AMR audio", "amr"),
+    Format("mp4", "audio", "audio/mp4", "MP4 audio (M4A)", _MOV, (".m4a", ".m4b"), ("audio/x-m4a", "audio/m4a")),
+    Format("mp3", "audio", "audio/mpeg", "MP3 audio", "mp3", (".mp3",), ("audio/mp3",)),
+    Format("aac", "audio", "audio/aac", "AAC audio (ADTS)", "aac", (".aac",), ("audio/x-aac", "audio/aacp")),
+    Format("flac", "audio", "audio/flac", "FLAC audio", "flac", (".flac",), ("audio/x-flac",)),
+    Format("ogg", "audio", "audio/ogg", "Ogg audio", "ogg", (".ogg", ".oga", ".opus"), ("audio/opus",)),
+    Format("wav", "audio", "audio/wav", "WAV audio", "wav",  # RIFF, RIFX, RF64 and BW64
+           (".wav", ".wave", ".bwf", ".rf64"), ("audio/x-wav", "audio/wave", "audio/vnd.wave")),
+    Format("w64", "audio", "audio/x-w64", "Wave64 audio", "w64", (".w64",)),
+    Format("aiff", "audio", "audio/aiff", "AIFF audio", "aiff", (".aif", ".aiff", ".aifc"), ("audio/x-aiff",)),
+    Format("caf", "audio", "audio/x-caf", "Core Audio (CAF)", "caf", (".caf",)),
+    Format("wavpack", "audio", "audio/x-wavpack", "WavPack audio", "wv", (".wv",), ("audio/wavpack",)),
+    Format("ac3", "audio", "audio/ac3", "AC-3 audio", "ac3", (".ac3",), ("audio/x-ac3", "audio/vnd.dolby.dd-raw")),
+    Format("eac3", "audio", "audio/eac3", "E-AC-3 audio", "eac3", (".eac3", ".ec3")),
+    Format("amr", "audio", "audio/amr", "AMR audio", "amr", (".amr",), ("audio/3gpp",)),
     # Images (AVIF is sniffed as HEIF: same container; pipelines.images tells them apart).
-    Format("jpeg", "image", "image/jpeg", "JPEG image"),
-    Format("png", "image", "image/png", "PNG image"),
-    Format("gif", "image", "image/gif", "GIF image"),
-    Format("webp", "image", "image/webp", "WebP image"),
-    Format("heif", "image", "image/heic", "HEIF image"),
-)
+    Format("jpeg", "image", "image/jpeg", "JPEG image", None, (".jpg", ".jpeg", ".jfif")),
+    Format("png", "image", "image/png", "PNG image", None, (".png", ".apng"), ("image/apng",)),
+    Format("gif", "image", "image/gif", "GIF image", None, (".gif",)),
+    Format("webp", "image", "image/webp", "WebP image", None, (".webp",)),
+    Format("heif", "image", "image/heic", "HEIF image", None, (".heic", ".heif", ".hif", ".avif"),
+           ("image/heif", "image/heic-sequence", "image/heif-sequence", "image/avif")),
+)  # fmt: skip
 ACCEPTED_MIMES: frozenset[str] = frozenset(f.mime for f in FORMATS)
+# For the upload page, by the type the sniffer answers: file name endings, and browsers' names.
+EXTENSIONS_BY_MIME: dict[str, tuple[str, ...]] = {
+    mime: tuple(dict.fromkeys(e for f in FORMATS if f.mime == mime for e in f.extensions)) for mime in ACCEPTED_MIMES
+}
+ALIASES_BY_MIME: dict[str, tuple[str, ...]] = {
+    mime: tuple(dict.fromkeys(a for f in FORMATS if f.mime == mime for a in f.aliases)) for mime in ACCEPTED_MIMES
+}
 _BY_KEY = {(f.container, f.kind): f for f in FORMATS}
 _LABELS = {f.container: f.label for f in reversed(FORMATS)} | {TAGGED: "audio behind a tag"}
 
