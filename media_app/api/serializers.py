@@ -139,8 +139,16 @@ class MediaItemOutput(serializers.Serializer):
     attempts = serializers.IntegerField()
     error = ErrorDetailOutput(allow_null=True)
     retryable = serializers.BooleanField(help_text="Whether a retry can change the outcome.")
-    queue_position = serializers.IntegerField(allow_null=True, help_text="1 = next; null unless waiting in a queue.")
-    eta_seconds = serializers.FloatField(allow_null=True, help_text="Seconds left, while processing.")
+    waiting = serializers.BooleanField(help_text="Waiting for a worker: queued, or between two stages.")
+    queue = serializers.ChoiceField(
+        choices=["video", "default"], allow_null=True, help_text="The queue it waits in; null unless waiting."
+    )
+    queue_position = serializers.IntegerField(
+        allow_null=True, help_text="1 = next; null unless waiting for a worker (queued or between stages)."
+    )
+    eta_seconds = serializers.FloatField(
+        allow_null=True, help_text="Seconds left while processing, a wait for a worker included; null when not known."
+    )
     size = serializers.IntegerField()
     created_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)

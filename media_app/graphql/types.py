@@ -96,7 +96,11 @@ class MediaItem:
         description="Whether a retry can change the outcome: Failed, its upload still stored, and not a fault of "
         "the file itself (a damaged file fails the same way every time)."
     )
-    queue_position: int | None = strawberry.field(description="1 for the next item its queue takes; Pending only.")
+    waiting: bool = strawberry.field(description="Waiting for a worker: queued, or between two stages.")
+    queue: str | None = strawberry.field(description="The queue it waits in (video or default); null unless waiting.")
+    queue_position: int | None = strawberry.field(
+        description="1 for the next item its queue takes; null unless waiting for a worker."
+    )
     eta_seconds: float | None = strawberry.field(description="Estimated seconds left; Processing only.")
     size: BigInt
     created_at: datetime
@@ -162,6 +166,8 @@ def media_item_from_payload(payload: dict[str, Any], *, outputs: list[MediaOutpu
         attempts=payload["attempts"],
         error=MediaError(code=error["code"], message=error["message"]) if error else None,
         retryable=bool(payload.get("retryable", False)),
+        waiting=bool(payload.get("waiting", False)),
+        queue=payload.get("queue"),
         queue_position=payload.get("queue_position"),
         eta_seconds=payload.get("eta_seconds"),
         size=payload["size"],

@@ -17,6 +17,7 @@ STATE_FIELDS = {
     "error_detail",
     "queued_at",
     "upload_finished_at",
+    "waiting_since",
 }
 OWNER = ROOT / "media_app" / "lifecycle.py"
 APP_DIRS = ("media_app", "tasks", "pipelines", "config")
