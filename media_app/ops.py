@@ -162,7 +162,7 @@ def create_processing_task(media_id: Any, title: str, description: str = "") -> 
     return ProcessingTask(str(item.task_id), str(item.pk), title, description, item.status)
 
 
-PATTERNS = ("daily", "weekly", "monthly")
+PATTERNS = ("minutely", "hourly", "daily", "weekly", "monthly")
 
 
 def schedule_recurring_job(
@@ -179,23 +179,36 @@ def schedule_recurring_job(
     kwargs: dict[str, Any] | None = None,
     queue: str = Queue.DEFAULT,
     enabled: bool = True,
+    expire_seconds: int | None = None,
 ) -> PeriodicTask:
-    """Create or update the django-celery-beat job ``name``: every ``interval`` days, weeks or months.
+    """Create or update the django-celery-beat job ``name``: every ``interval`` minutes, hours,
+    days, weeks or months.
 
-    Runs at ``at`` (UTC); weekly on ``weekday`` (0 = Sunday, cron's numbering); monthly on
-    ``day_of_month``. Every N days/weeks has no cron form, so it becomes an interval schedule
-    starting at the next ``at``. ``task`` defaults to ``name`` (a registered task name).
-    Admins see and edit the result under Periodic tasks.
+    Runs at ``at`` (UTC; hourly jobs at its minute); weekly on ``weekday`` (0 = Sunday, cron's
+    numbering); monthly on ``day_of_month``. Every N minutes, days or weeks has no cron form, so
+    it becomes an interval schedule (days and weeks starting at the next ``at``). ``task``
+    defaults to ``name`` (a registered task name). A message beat sent that is still queued
+    after ``expire_seconds`` is dropped (the next one will come). The schedule's own jobs are
+    made with it (migration 0004). Admins see and edit the result under Periodic tasks.
     """
     from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, not {pattern!r}")
-    if interval < 1 or (pattern == "monthly" and interval > 12):
+    if interval < 1 or (pattern == "monthly" and interval > 12) or (pattern == "hourly" and interval > 23):
         raise ValueError(f"interval {interval} is out of range for a {pattern} job")
     schedule: dict[str, Any] = {"interval": None, "crontab": None, "start_time": None}
     cron = {"minute": str(at.minute), "hour": str(at.hour), "timezone": "UTC"}
-    if pattern == "monthly":
+    if pattern == "minutely":
+        schedule["interval"], _ = IntervalSchedule.objects.get_or_create(
+            every=interval * 60, period=IntervalSchedule.SECONDS
+        )
+    elif pattern == "hourly":
+        hours = "*" if interval == 1 else f"*/{interval}"
+        schedule["crontab"], _ = CrontabSchedule.objects.get_or_create(
+            minute=str(at.minute), hour=hours, timezone="UTC", day_of_week="*", day_of_month="*", month_of_year="*"
+        )
+    elif pattern == "monthly":
         months = "*" if interval == 1 else f"*/{interval}"
         schedule["crontab"], _ = CrontabSchedule.objects.get_or_create(
             **cron, day_of_week="*", day_of_month=str(day_of_month), month_of_year=months
@@ -219,6 +232,7 @@ def schedule_recurring_job(
             "kwargs": json.dumps(kwargs or {}),
             "queue": queue,
             "enabled": enabled,
+            "expire_seconds": expire_seconds,
         },
     )
     return job

@@ -1,35 +1,46 @@
 """The recurring jobs exist from the first `migrate`, so admins see and edit them at once."""
 
+from datetime import time
+
 from django.conf import settings
 from django.db import migrations
 
-# name, task, schedule, description, expire_seconds (a beat message older than this is dropped)
+# name, task, pattern, interval, at, description, expire_seconds (a beat message older than this
+# is dropped: the next one comes soon enough)
 JOBS = [
     (
         "Daily backup",
         "media.maintenance.backup",
-        {"crontab": {"minute": "30", "hour": "3"}},
+        "daily",
+        1,
+        time(3, 30),
         "Writes today's backup of media items, outputs and history (BACKUP_DIR, kept BACKUP_RETENTION_DAYS days).",
         None,
     ),
     (
         "Expire abandoned uploads",
         "media.maintenance.expire_uploads",
-        {"crontab": {"minute": "15", "hour": "*"}},
+        "hourly",
+        1,
+        time(0, 15),
         "Removes uploads idle for UPLOAD_EXPIRY_SECONDS before their last byte arrived.",
         3000,
     ),
     (
         "Clean up work files",
         "media.maintenance.cleanup_work",
-        {"crontab": {"minute": "45", "hour": "*"}},
-        "Removes stage work directories of deleted and Completed items, and of items Failed long ago.",
+        "hourly",
+        1,
+        time(0, 45),
+        "Removes stage work files of deleted and Completed items, and of items Failed long ago.",
         3000,
     ),
     (
         "Watchdog",
         "media.maintenance.watchdog",
-        {"interval": {"every": getattr(settings, "WATCHDOG_INTERVAL_SECONDS", 60), "period": "seconds"}},
+        "minutely",
+        max(1, getattr(settings, "WATCHDOG_INTERVAL_SECONDS", 60) // 60),
+        time(0, 0),
         "Requeues items that stalled or whose task was lost (worker killed, broker restarted).",
         50,
     ),
@@ -37,25 +48,17 @@ JOBS = [
 
 
 def create_jobs(apps, schema_editor):
-    CrontabSchedule = apps.get_model("django_celery_beat", "CrontabSchedule")
-    IntervalSchedule = apps.get_model("django_celery_beat", "IntervalSchedule")
-    PeriodicTask = apps.get_model("django_celery_beat", "PeriodicTask")
-    for name, task, schedule, description, expire_seconds in JOBS:
-        if "crontab" in schedule:
-            cron = {"day_of_week": "*", "day_of_month": "*", "month_of_year": "*", **schedule["crontab"]}
-            found = CrontabSchedule.objects.filter(**cron, timezone="UTC").first()
-            kwargs = {"crontab": found or CrontabSchedule.objects.create(**cron, timezone="UTC")}
-        else:
-            kwargs = {"interval": IntervalSchedule.objects.get_or_create(**schedule["interval"])[0]}
-        PeriodicTask.objects.get_or_create(
-            name=name,
-            defaults={
-                "task": task,
-                "description": description,
-                "queue": "default",
-                "expire_seconds": expire_seconds,
-                **kwargs,
-            },
+    """Made with the task manager's own ``schedule_recurring_job``, as an operator's jobs are.
+
+    It uses the current beat models, which this migration may: it depends on the last migration
+    of django_celery_beat, and on none of ours that its tables would need."""
+    from media_app.ops import schedule_recurring_job
+
+    for name, task, pattern, interval, at, description, expire_seconds in JOBS:
+        if apps.get_model("django_celery_beat", "PeriodicTask").objects.filter(name=name).exists():
+            continue  # an operator's edits of an existing job are kept
+        schedule_recurring_job(
+            name, description, pattern, interval, task=task, at=at, expire_seconds=expire_seconds
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sqlite3
@@ -171,13 +172,34 @@ def test_schedule_recurring_job_daily_weekly_and_monthly():
     assert (monthly.crontab.day_of_month, monthly.crontab.month_of_year) == ("1", "*/3")
     fortnightly = schedule_recurring_job("Fortnightly", "", "weekly", 2, task="media.maintenance.backup", weekday=3)
     assert (fortnightly.interval.every, fortnightly.interval.period, fortnightly.crontab) == (14, "days", None)
+
     assert fortnightly.start_time > timezone.now() and fortnightly.start_time.strftime("%w %H:%M") == "3 03:00"
 
     again = schedule_recurring_job("Nightly backup", "db rows, later", "daily", task="media.maintenance.backup")
     assert again.pk == daily.pk and again.description == "db rows, later"
     assert PeriodicTask.objects.filter(name="Nightly backup").count() == 1
     with pytest.raises(ValueError, match="pattern"):
-        schedule_recurring_job("x", "", "hourly")
+        schedule_recurring_job("x", "", "yearly")
+
+
+def test_schedule_recurring_job_every_few_minutes_or_hours_and_the_schedule_is_made_with_it():
+    every_5 = schedule_recurring_job("Sweep", "", "minutely", 5, task="media.maintenance.watchdog", expire_seconds=60)
+    assert (every_5.interval.every, every_5.interval.period, every_5.expire_seconds) == (300, "seconds", 60)
+    six_hourly = schedule_recurring_job("Tidy", "", "hourly", 6, task="media.maintenance.cleanup_work", at=time(0, 7))
+    assert (six_hourly.crontab.minute, six_hourly.crontab.hour) == ("7", "*/6")
+    with pytest.raises(ValueError, match="out of range"):
+        schedule_recurring_job("Bad", "", "hourly", 24, task="media.maintenance.backup")
+    # The product's own jobs (migration 0004) are what schedule_recurring_job makes of its table.
+    from django.apps import apps
+
+    recurring = importlib.import_module("media_app.migrations.0004_recurring_jobs")
+    PeriodicTask.objects.filter(name__in=[job[0] for job in recurring.JOBS]).delete()
+    recurring.create_jobs(apps, None)
+    jobs = {t.name: t for t in PeriodicTask.objects.filter(name__in=[job[0] for job in recurring.JOBS])}
+    assert str(jobs["Daily backup"].crontab).startswith("30 3 * * *")
+    assert str(jobs["Expire abandoned uploads"].crontab).startswith("15 * * * *")
+    assert (jobs["Watchdog"].interval.every, jobs["Watchdog"].interval.period) == (60, "seconds")
+    assert {t.task for t in jobs.values()} == {job[1] for job in recurring.JOBS}
 
 
 def test_create_processing_task_queues_once_and_notes_why(make_user, monkeypatch, django_capture_on_commit_callbacks):
