@@ -16,6 +16,8 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 
+from pipelines.sniff import ACCEPTED_MIMES
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
 if (BASE_DIR / ".env").exists():
@@ -279,27 +281,9 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = env.int("FILE_UPLOAD_MAX_MEMORY_SIZE", default=2_6
 # Largest file accepted (declared at create, and again while the bytes arrive).
 UPLOAD_MAX_BYTES = env.int("UPLOAD_MAX_BYTES", default=8 * 1024**3)
 # Types accepted, judged from the content (magic bytes), never from the name or declared type.
-UPLOAD_ALLOWED_CONTENT_TYPES = env.list(
-    "UPLOAD_ALLOWED_CONTENT_TYPES",
-    default=[
-        "video/mp4",
-        "video/quicktime",
-        "video/x-msvideo",
-        "video/x-matroska",
-        "video/webm",
-        "audio/mpeg",
-        "audio/wav",
-        "audio/flac",
-        "audio/ogg",
-        "audio/mp4",
-        "audio/aac",
-        "image/jpeg",
-        "image/png",
-        "image/gif",
-        "image/webp",
-        "image/heic",
-    ],
-)
+# What the web accepts is what the pipeline reads: the sniffer's table of formats (one list for
+# the sniff at upload, ffmpeg's demuxer allow-list and this). Narrow it with a list of types.
+UPLOAD_ALLOWED_CONTENT_TYPES = env.list("UPLOAD_ALLOWED_CONTENT_TYPES", default=sorted(ACCEPTED_MIMES))
 # Per user: bytes held (uploaded or announced) and uploads started but not completed.
 UPLOAD_QUOTA_BYTES = env.int("UPLOAD_QUOTA_BYTES", default=50 * 1024**3)
 UPLOAD_MAX_UNFINISHED = env.int("UPLOAD_MAX_UNFINISHED", default=10)

@@ -17,39 +17,19 @@ from django.shortcuts import render
 from django.urls import reverse, reverse_lazy
 from django.views.decorators.csrf import ensure_csrf_cookie
 
+from pipelines.sniff import ALIASES_BY_MIME, EXTENSIONS_BY_MIME, FORMATS
+
 # File name endings a browser may report for each accepted type (a browser's own guess of the
-# type is often empty, e.g. for .mkv or .heic). Only a first filter: the server sniffs the bytes.
-EXTENSIONS_FOR_TYPE: dict[str, tuple[str, ...]] = {
-    "video/mp4": (".mp4", ".m4v"),
-    "video/quicktime": (".mov", ".qt"),
-    "video/x-msvideo": (".avi",),
-    "video/x-matroska": (".mkv",),
-    "video/webm": (".webm",),
-    "audio/mpeg": (".mp3",),
-    "audio/wav": (".wav",),
-    "audio/flac": (".flac",),
-    "audio/ogg": (".ogg", ".oga", ".opus"),
-    "audio/mp4": (".m4a",),
-    "audio/aac": (".aac",),
-    "image/jpeg": (".jpg", ".jpeg", ".jfif"),
-    "image/png": (".png",),
-    "image/gif": (".gif",),
-    "image/webp": (".webp",),
-    "image/heic": (".heic", ".heif", ".hif"),
-}
-# Other names browsers give the same types.
-TYPE_ALIASES: dict[str, tuple[str, ...]] = {
-    "video/x-msvideo": ("video/avi", "video/msvideo"),
-    "audio/wav": ("audio/x-wav", "audio/wave", "audio/vnd.wave"),
-    "audio/flac": ("audio/x-flac",),
-    "audio/mp4": ("audio/x-m4a", "audio/m4a"),
-    "audio/mpeg": ("audio/mp3",),
-    "image/heic": ("image/heif", "image/heic-sequence", "image/heif-sequence"),
-}
+# type is often empty, e.g. for .mkv or .heic), and other names browsers give the same types:
+# from the sniffer's table of formats. Only a first filter: the server sniffs the bytes.
+EXTENSIONS_FOR_TYPE: dict[str, tuple[str, ...]] = EXTENSIONS_BY_MIME
+TYPE_ALIASES: dict[str, tuple[str, ...]] = ALIASES_BY_MIME
+KIND_OF_TYPE: dict[str, str] = {f.mime: f.kind for f in FORMATS}
+_EXT = EXTENSIONS_FOR_TYPE
 
 LOGIN_URL = reverse_lazy("login")
 # Bumped when page.js or page.css change, so browsers do not keep an old copy.
-ASSET_VERSION = "2"
+ASSET_VERSION = "3"
 
 
 def page_config(request: HttpRequest) -> dict[str, Any]:
@@ -62,6 +42,13 @@ def page_config(request: HttpRequest) -> dict[str, Any]:
             "max_bytes": settings.UPLOAD_MAX_BYTES,
             "allowed_types": types,
             "allowed_extensions": extensions,
+            # For the sentence that lists what is accepted: endings grouped by kind.
+            "extensions_by_kind": {
+                kind: sorted(
+                    {e for t in allowed if KIND_OF_TYPE.get(t) == kind for e in EXTENSIONS_FOR_TYPE.get(t, ())}
+                )
+                for kind in ("video", "audio", "image")
+            },
             "max_unfinished": settings.UPLOAD_MAX_UNFINISHED,
         },
         "chunk_bytes": settings.UPLOAD_PAGE_CHUNK_BYTES,

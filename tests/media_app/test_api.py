@@ -450,3 +450,28 @@ def test_upload_expiry_time_is_reported_for_open_uploads(api):
     detail = client.get(f"/api/media/{body['id']}").json()
     assert detail["upload"]["offset"] == 0
     assert detail["upload"]["expires_at"] > detail["created_at"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type", "args"),
+    [
+        ("camcorder.m2ts", "video/mp2t", ["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=1",
+                                          "-c:v", "libx264", "-mpegts_m2ts_mode", "1", "-f", "mpegts"]),
+        ("dvd.vob", "video/mpeg", ["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=1",
+                                   "-c:v", "mpeg2video", "-f", "vob"]),
+        ("song.aiff", "audio/aiff", ["-f", "lavfi", "-i", "sine=duration=1", "-f", "aiff"]),
+    ],
+)  # fmt: skip
+def test_formats_the_pipeline_reads_are_accepted_by_the_web_too(api, sent, tmp_path, name, content_type, args,
+                                                                 django_capture_on_commit_callbacks):  # fmt: skip
+    """The web's allow-list is the sniffer's table: what `manage.py process` converts, an upload may hold."""
+    from tests.media import make_media
+
+    client, _ = api()
+    data = make_media(tmp_path / name, args).read_bytes()
+    body, stored = _upload(client, data, name=name, content_type=content_type)
+    assert stored.status_code == 200, stored.content
+    with django_capture_on_commit_callbacks(execute=True):
+        complete = client.post(f"/api/media/{body['id']}/complete")
+    assert complete.status_code == 202, complete.content
+    assert len(sent.for_item(body["id"])) == 1

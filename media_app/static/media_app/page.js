@@ -175,11 +175,10 @@
   }
 
   function describeAccepted() {
-    const groups = { video: [], audio: [], image: [] };
-    for (const ext of limits.allowed_extensions) {
-      const kind = ext.match(/mp4|m4v|mov|qt|avi|mkv|webm/) ? "video"
-        : ext.match(/mp3|wav|flac|ogg|oga|opus|m4a|aac/) ? "audio" : "image";
-      groups[kind].push(ext.slice(1).toUpperCase());
+    // The server groups the endings by kind, from the same table its sniffer uses.
+    const groups = {};
+    for (const [kind, exts] of Object.entries(limits.extensions_by_kind || {})) {
+      groups[kind] = exts.map((ext) => ext.slice(1).toUpperCase());
     }
     return Object.entries(groups)
       .filter(([, exts]) => exts.length)
