@@ -78,3 +78,22 @@ def test_staff_log_in_and_run_a_query_in_graphiql_served_from_the_site(
     page.get_by_role("button", name="Log in").click()
     page.wait_for_url("**/graphql/")
     expect(page.locator("body")).to_contain_text("GraphiQL is open to staff accounts")
+
+
+def test_swagger_ui_lists_the_tus_endpoint_served_from_the_site(logged_in_page, asgi_server, shots, traffic):
+    """Swagger UI at /api/docs/ in the browser: its scripts are ours, and the schema it renders
+    has every way in, the tus upload included."""
+    page = logged_in_page
+    elsewhere = confine_to(page, asgi_server.url)
+
+    page.goto("/api/docs/")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("cpc-media", timeout=30_000)
+    tus = page.locator(".opblock-summary-path", has_text="/api/tus/")
+    expect(tus.first).to_be_visible()
+    expect(page.locator(".opblock-summary-path", has_text="/api/uploads/").first).to_be_visible()
+    tus.first.scroll_into_view_if_needed()
+    shots.take(page, "swagger-ui-tus", full_page=False)
+
+    assert elsewhere == [], f"requests to other hosts: {elsewhere}"
+    assert traffic.hosts() == {"127.0.0.1"}
+    assert traffic.errors == []
