@@ -270,9 +270,10 @@ def test_a_cancel_at_any_moment_on_the_real_worker_stops_the_item_and_its_ffmpeg
     from tests.media import lavfi_video
     from tests.media_app.test_admin_ops import _item_ffmpeg
 
-    clip = lavfi_video(tmp_path / "clip.mp4", seconds=10, size="640x360")
+    # Long enough that even the last cancel lands before the encode ends on an idle machine.
+    clip = lavfi_video(tmp_path / "clip.mp4", seconds=40, size="640x360")
     seen_stages = set()
-    for delay in (0.0, 0.3, 0.8, 1.5, 2.5, 4.0):
+    for delay in (0.0, 0.3, 0.8, 1.5, 2.5, 3.5):
         item = make_item(clip)
         assert media_processing_start(item=item)
         # The moment of the cancel is what this loop varies; nothing here waits for a state.
