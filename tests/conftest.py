@@ -108,10 +108,13 @@ class Worker(_Logged):
     """A real ``celery worker`` process serving both queues. ``env`` overrides its environment
     (say its own WORK_ROOT, as on another machine)."""
 
-    def __init__(self, log: Path, *, env: dict[str, str] | None = None, concurrency: int = 2) -> None:
+    def __init__(
+        self, log: Path, *, env: dict[str, str] | None = None, concurrency: int = 2, queues: str = "default,video"
+    ) -> None:
         self.log = log
         self.env = env or {}
         self.concurrency = concurrency
+        self.queues = queues
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -127,7 +130,7 @@ class Worker(_Logged):
             "config",
             "worker",
             "-Q",
-            "default,video",
+            self.queues,
             "-c",
             str(self.concurrency),
             "-n",

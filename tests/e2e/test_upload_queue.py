@@ -14,14 +14,12 @@ from __future__ import annotations
 import contextlib
 import io
 import random
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import imageio_ffmpeg
 import pytest
 from PIL import Image, ImageDraw
 
@@ -29,6 +27,7 @@ from tests.conftest import AsgiServer
 from tests.e2e.conftest import wait_in_page
 from tests.e2e.test_graphiql import confine_to
 from tests.e2e.test_upload_page import card
+from tests.media import lavfi_video
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect, PlaywrightError = sync_api.expect, sync_api.Error
@@ -58,38 +57,6 @@ def damaged_jpeg(path: Path) -> Path:
     Image.new("RGB", (640, 480), (200, 30, 30)).save(good, "JPEG", quality=90)
     head = good.getvalue()[:400]  # SOI, JFIF, quantisation tables: a plausible start
     path.write_bytes(head + random.Random(7).randbytes(30_000))
-    return path
-
-
-def short_video(path: Path) -> Path:
-    """1 s of H.264 + AAC at 320x240, made with the static ffmpeg the project ships with."""
-    subprocess.run(
-        [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=320x240:rate=25:duration=1",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:duration=1",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-shortest",
-            str(path),
-        ],
-        check=True,
-    )
     return path
 
 
@@ -139,7 +106,7 @@ def test_a_camera_roll_is_queued_sent_and_shown_as_a_gallery(
     page = logged_in_page
     elsewhere = confine_to(page, asgi_server.url)
     photos = [photo(tmp_path / f"IMG_{n:04d}.jpg", n) for n in range(1, PHOTOS + 1)]
-    video = short_video(tmp_path / "clip.mp4")
+    video = lavfi_video(tmp_path / "clip.mp4", seconds=1)
     damaged = damaged_jpeg(tmp_path / "damaged.jpg")
     extra = photo(tmp_path / "not-this-one.jpg", 99)
     in_flight = InFlight(page)
