@@ -977,10 +977,11 @@
       this.loaded = true;
       this.next = r.body.next;
       for (const item of r.body.results) {
+        if (deleted.has(item.id)) continue; // deleted while the list was on its way
         remember(item);
         if (!this.oldest || item.created_at < this.oldest) this.oldest = item.created_at;
       }
-      for (const item of r.body.results) this.add(known.get(item.id));
+      for (const item of r.body.results) if (known.has(item.id)) this.add(known.get(item.id));
       // Items the socket told us about while the list was loading.
       for (const item of known.values()) if (!cardsById.has(item.id) && this.fits(item)) this.add(item);
       libraryMore.hidden = !this.next;
