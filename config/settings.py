@@ -346,3 +346,20 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "interval_step": 0.5,
     "interval_max": 2,
 }
+
+# --- WebRTC ingest (WHIP, /api/whip/) ---------------------------------------------------------
+# A recording ends at the first of: the publisher's DELETE, the connection failing, no media for
+# WHIP_SILENCE_TIMEOUT_SECONDS, WHIP_MAX_SESSION_SECONDS of media, or a rate over WHIP_MAX_BITRATE
+# (bits/s, audio and video, over 5 s with a 25 % margin; the SDP answer tells the sender it).
+# What was recorded is kept and processed like an upload.
+WHIP_MAX_SESSION_SECONDS = env.float("WHIP_MAX_SESSION_SECONDS", default=3600)
+WHIP_MAX_BITRATE = env.int("WHIP_MAX_BITRATE", default=8_000_000)
+WHIP_MAX_SESSIONS_PER_USER = env.int("WHIP_MAX_SESSIONS_PER_USER", default=2)
+WHIP_SILENCE_TIMEOUT_SECONDS = env.float("WHIP_SILENCE_TIMEOUT_SECONDS", default=10)
+# STUN/TURN servers for the server's side of ICE (and sent to publishers as Link headers), as
+# JSON: '[{"urls": "stun:stun.example.com:3478"}, {"urls": "turn:turn.example.com:3478",
+# "username": "u", "credential": "p"}]'. None by default: no request leaves the site. A web host
+# with a public address needs none; one behind NAT needs a STUN server (or a TURN relay).
+# aiortc takes its UDP ports from the OS's ephemeral range (net.ipv4.ip_local_port_range): it
+# has no setting of its own for a port range (docs/deployment.md).
+WHIP_ICE_SERVERS: list = json.loads(env.str("WHIP_ICE_SERVERS", default="[]"))
