@@ -66,6 +66,9 @@ def media_item_payload(item: MediaItem, *, with_outputs: bool = True, deleted: b
     }
     if with_outputs and item.status == "Completed":
         payload["outputs"] = [rendition_payload(r) for r in item.renditions.exclude(role="segment")]
+    elif with_outputs and item.status == "Processing":
+        # The thumbnail is stored as soon as it is taken, before the encode: show it meanwhile.
+        payload["outputs"] = [rendition_payload(r) for r in item.renditions.filter(role="thumbnail")]
     if deleted:
         payload["deleted"] = True
     return payload

@@ -75,6 +75,15 @@ def renditions_replace(*, item_id: Any, renditions: Iterable[dict[str, Any]]) ->
         return [Rendition.objects.create(item_id=item_id, **r) for r in renditions]
 
 
+def rendition_put(*, item_id: Any, rendition: dict[str, Any]) -> Rendition:
+    """Record one output ahead of the others (the thumbnail, while the encode runs), replacing
+    any of the same role; ``renditions_replace`` later writes the whole set."""
+    with transaction.atomic():
+        MediaItem.objects.select_for_update().filter(pk=item_id).first()
+        Rendition.objects.filter(item_id=item_id, role=rendition["role"]).delete()
+        return Rendition.objects.create(item_id=item_id, **rendition)
+
+
 def storage_delete_tree(prefix: str) -> None:
     """Delete every stored object under ``prefix`` (S3 has no folders to remove; disk does)."""
     try:

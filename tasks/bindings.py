@@ -17,7 +17,7 @@ from django.core.files import File
 from django.core.files.storage import default_storage
 
 from media_app.jobs import Queue
-from media_app.services import output_key_for, renditions_replace
+from media_app.services import output_key_for, rendition_put, renditions_replace
 from pipelines import av, images
 from pipelines.detect import Detected, detect
 from pipelines.profiles import Profiles
@@ -120,8 +120,17 @@ def _chunk(ctx: StageContext) -> Any:
 
 
 def _previews(ctx: StageContext) -> Any:
+    """The thumbnail, taken right after demux and shown at once: the page has a picture within
+    seconds of processing starting, not after the encode. ``store`` records it again with the
+    rest, so the final outputs are one set."""
     demuxed = ctx.result("demux", av.DemuxResult)
-    return av.previews(demuxed, ctx.dir("demux"), ctx.out_dir, profiles=profiles(), limits=_limits())
+    result = av.previews(demuxed, ctx.dir("demux"), ctx.out_dir, profiles=profiles(), limits=_limits())
+    for out in result.outputs:
+        if out.role == "thumbnail":
+            key = output_key_for(ctx.item_id, out.file)
+            _put(ctx.out_dir / out.file, key)
+            rendition_put(item_id=ctx.item_id, rendition=_record(out, key))
+    return result
 
 
 def _image_decode(ctx: StageContext) -> Any:
@@ -159,20 +168,23 @@ def store(ctx: StageContext) -> StoreResult:
         for out in outputs:
             key = output_key_for(ctx.item_id, prefix + out.file)
             _put(ctx.dir(stage) / out.file, key)
-            records.append(
-                {
-                    "role": out.role,
-                    "storage_key": key,
-                    "content_type": out.content_type,
-                    "codec": out.codec,
-                    "width": out.width,
-                    "height": out.height,
-                    "duration": out.duration,
-                    "bytes": out.bytes,
-                }
-            )
+            records.append(_record(out, key))
     renditions_replace(item_id=ctx.item_id, renditions=records)
     return StoreResult(tuple(r["storage_key"] for r in records))
+
+
+def _record(out: Output, key: str) -> dict[str, Any]:
+    """A rendition row as ``store`` and ``previews`` write it."""
+    return {
+        "role": out.role,
+        "storage_key": key,
+        "content_type": out.content_type,
+        "codec": out.codec,
+        "width": out.width,
+        "height": out.height,
+        "duration": out.duration,
+        "bytes": out.bytes,
+    }
 
 
 def _put(path: Path, key: str) -> None:
@@ -199,16 +211,18 @@ _V, _D = Queue.VIDEO, Queue.DEFAULT
 # mux 2-5, decode 2-4, chunk 1.4-2.7, store 0.9-1.5); store keeps a little more for S3,
 # where it uploads every output. So the bar moves at an even pace, and the time left that the
 # selectors derive from it (time worked so far, scaled by what is left of the bar) holds.
+# Previews comes right after demux (it needs only the demuxed streams) and stores the thumbnail
+# at once, so the page shows a picture while the encode runs; its weight moved with it.
 PIPELINES: dict[str, tuple[Stage, ...]] = {
     "video": (
         Stage("demux", 5, _V, 20 * MINUTE, _demux),
+        Stage("previews", 4, _V, 10 * MINUTE, _previews),
         Stage("decode", 3, _V, 40 * MINUTE, _decode),
         Stage("normalize", 4, _V, 40 * MINUTE, _normalize),
         Stage("filter", 1, _V, 1 * MINUTE, _filter),
         Stage("encode", 73, _V, 0, _encode),  # 0: the ceiling, CELERY_TASK_TIME_LIMIT
         Stage("mux", 4, _V, 20 * MINUTE, _mux),
         Stage("chunk", 3, _V, 20 * MINUTE, _chunk),
-        Stage("previews", 4, _V, 10 * MINUTE, _previews),
         Stage("store", 3, _V, 30 * MINUTE, _store),
     ),
     "audio": (

@@ -83,7 +83,7 @@ def test_video_chain_runs_every_stage_in_order_with_rising_progress(celery_worke
 
     assert events[-1]["status"] == "Completed", events[-1]
     stages = [e["stage"] for e in events if e["status"] == "Processing"]
-    order = ["demux", "decode", "normalize", "filter", "encode", "mux", "chunk", "previews", "store"]
+    order = ["demux", "previews", "decode", "normalize", "filter", "encode", "mux", "chunk", "store"]
     assert [s for i, s in enumerate(stages) if i == 0 or s != stages[i - 1]] == order
     progress = [e["progress"] for e in events]
     assert progress == sorted(progress) and progress[-1] == 100

@@ -162,13 +162,13 @@ def test_a_video_chain_completes_over_rabbitmq(rabbit_worker, make_item, tmp_pat
     # Every stage ran on the RabbitMQ worker (the suite's Redis worker may be up, and idle).
     assert stages_run(rabbit_worker, item) == [
         "demux",
+        "previews",
         "decode",
         "normalize",
         "filter",
         "encode",
         "mux",
         "chunk",
-        "previews",
         "store",
     ]
 
