@@ -295,8 +295,9 @@ UPLOAD_CREATE_RATE = env.str("UPLOAD_CREATE_RATE", default="600/minute")
 UPLOAD_URL_EXPIRY_SECONDS = env.int("UPLOAD_URL_EXPIRY_SECONDS", default=3600)
 DOWNLOAD_URL_EXPIRY_SECONDS = env.int("MEDIA_URL_EXPIRY_SECONDS", default=3600)
 UPLOAD_EXPIRY_SECONDS = env.int("UPLOAD_EXPIRY_SECONDS", default=24 * 3600)
-# Partial tus uploads are assembled here and moved (local) or pushed (S3) to storage when
-# complete. Several web machines need it on a shared volume, like WORK_ROOT.
+# A PUT to our own upload URL (local storage) is received here and moved into storage once its
+# size is right: one request on one process, so this need not be shared. tus uploads never touch
+# it: their chunks go straight to storage (see media_app/uploads.py).
 UPLOAD_STAGING_DIR = Path(env.str("UPLOAD_STAGING_DIR", default=str(DATA_DIR / "uploads-partial")))
 # Rate-limit counters and upload locks must be shared by every web process: Redis.
 UPLOADS_REDIS_URL = env.str("UPLOADS_REDIS_URL", default=REDIS_URL)

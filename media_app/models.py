@@ -47,6 +47,11 @@ class MediaItem(models.Model):
     event_seq = models.BigIntegerField(default=0)
     # The moment the last byte was stored and checked: from then on no byte may arrive.
     upload_finished_at = models.DateTimeField(null=True, blank=True)
+    # A tus upload under way (upload bookkeeping, not item state; media_app/uploads.py writes it
+    # under the upload's lock): the bytes committed so far, which is the Upload-Offset, and on S3
+    # the multipart upload they are in (id, parts, tail object), so any web process can go on.
+    upload_received = models.BigIntegerField(default=0)
+    upload_parts = models.JSONField(default=dict, blank=True)
     # When the current run was queued (None while the upload is open and after a reset).
     queued_at = models.DateTimeField(null=True, blank=True)
     # Processing between stages: when the last stage finished, so its next one waits for a worker

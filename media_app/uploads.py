@@ -1,11 +1,23 @@
 """Upload services: how bytes become an item's source, and the limits on the way.
 
-Bytes never sit in memory whole. A tus upload is appended, chunk by chunk, to a staging file
-under ``UPLOAD_STAGING_DIR`` (its size *is* the upload offset) and moved into storage when the
-last byte arrives: a rename on local storage, a multipart push on S3. A presigned PUT of ours
-streams to a staging file too and lands in storage only when its size is right; an S3
-presigned PUT goes straight to the bucket. Either way ``upload_complete`` then checks the size,
-sniffs the first bytes and queues processing once.
+Bytes never sit in memory whole, and a tus upload never sits on one web machine's disk: each
+PATCH appends to the upload *in storage*, so the next PATCH may land on any web process. The
+offset (``upload_received``) and, on S3, the multipart upload it is building (``upload_parts``)
+are in the database; the row is the commit point, so bytes a crashed PATCH wrote past it are
+discarded (local) or never listed (S3) and the client resumes from the recorded offset.
+
+- Local storage: the chunk is appended in place to the source file (the one disk of a one-box
+  setup; several boxes use S3) and synced before the offset is recorded. Nothing is copied at
+  the end.
+- S3: as tusd's S3 store does, bytes go into a multipart upload in parts of at least 5 MiB
+  (S3's floor for every part but the last); a shorter tail waits in a ``.tail-<offset>`` object
+  beside the source and is prepended to the next PATCH. The last byte completes the multipart
+  upload, so the object at ``source_key`` is the whole file.
+
+A presigned PUT of ours (one request, one process) is received in ``UPLOAD_STAGING_DIR`` and
+lands in storage only when its size is right; an S3 presigned PUT goes straight to the bucket.
+Either way ``upload_complete`` then checks the size, sniffs the first bytes and queues
+processing once.
 
 Writers to one upload (a PATCH, a PUT, a delete) hold a Redis lock, so two web processes never
 interleave bytes of the same upload: the second is refused, not queued.
@@ -14,6 +26,7 @@ interleave bytes of the same upload: the second is refused, not queued.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import unicodedata
 import uuid
@@ -45,6 +58,13 @@ from pipelines.sniff import Sniffed, sniff_bytes
 logger = logging.getLogger("media_app.uploads")
 
 CHUNK_BYTES = 1 << 20
+# S3: every part of a multipart upload but the last is at least 5 MiB, and there are at most
+# 10,000 parts. A PATCH's bytes are cut into parts of PART_BYTES while at least a minimum part
+# is left over (so one PATCH holds at most PART_BYTES + 5 MiB in memory); a rest below the
+# minimum is the tail object.
+MIN_PART_BYTES = 5 * 1024**2
+PART_BYTES = 8 * 1024**2
+MAX_PARTS = 10_000
 # Enough for every magic number and the MP4 brand list sniff_bytes looks at.
 SNIFF_BYTES = 4096
 NAME_LIMIT = 255
@@ -90,18 +110,11 @@ def upload_is_expired(item: MediaItem, *, now: datetime | None = None) -> bool:
     return upload_is_open(item) and upload_expires_at(item) <= (now or timezone.now())
 
 
-def staging_path(item_id: Any) -> Path:
-    return Path(settings.UPLOAD_STAGING_DIR) / f"{item_id}.part"
-
-
 def upload_offset(item: MediaItem) -> int:
-    """Bytes received so far: the staging file's size while open, the whole size once done."""
+    """Bytes received so far: the recorded offset while open, the whole size once done."""
     if not upload_is_open(item):
         return item.size
-    try:
-        return staging_path(item.pk).stat().st_size
-    except FileNotFoundError:
-        return 0
+    return item.upload_received
 
 
 def s3_storage() -> Any | None:
@@ -218,8 +231,7 @@ def upload_append(*, item: MediaItem, offset: int, stream: IO[bytes], content_le
     with _upload_lock(item.pk) as lock:
         item.refresh_from_db()
         _check_open(item)
-        path = staging_path(item.pk)
-        current = path.stat().st_size if path.exists() else 0
+        current = item.upload_received
         if offset != current:
             raise UploadRefused(
                 "offset_mismatch", f"The upload is at byte {current}, not {offset}; resume from {current}."
@@ -229,27 +241,112 @@ def upload_append(*, item: MediaItem, offset: int, stream: IO[bytes], content_le
             raise UploadRefused(
                 "too_large", f"This chunk ({content_length} bytes) goes past the declared size of {item.size} bytes."
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as fh:
-            if fh.tell() != current:  # pragma: no cover - the lock makes this impossible
-                raise UploadRefused("offset_mismatch", "The upload changed underneath this request; resume it.")
-            try:
-                received = _copy(stream, fh, limit=remaining, lock=lock)
-            except UploadRefused:
-                fh.truncate(current)
-                raise
-        new_offset = current + received
-        # Activity postpones expiry.
-        MediaItem.objects.filter(pk=item.pk).update(updated_at=timezone.now())
-        if current < SNIFF_BYTES and (new_offset >= SNIFF_BYTES or new_offset == item.size):
-            # Refuse a wrong type as soon as its first bytes are in, not after the whole file.
-            with open(path, "rb") as fh:
-                _sniff_or_refuse(item, fh.read(SNIFF_BYTES))
+        if not remaining:
+            return _complete(item)  # every byte is in already; completing them failed before
+        chunks = _chunks(stream, limit=remaining, lock=lock)
+        s3 = s3_storage()
+        new_offset = _append_s3(s3, item, chunks) if s3 is not None else _append_local(item, chunks)
         if new_offset == item.size:
-            _store_staged(item, path)
             return _complete(item)
         item.refresh_from_db()
         return item
+
+
+def _append_local(item: MediaItem, chunks: Iterator[bytes]) -> int:
+    """Append in place to the source file in storage: no staging copy, no move at the end."""
+    current = item.upload_received
+    path = Path(default_storage.path(item.source_key))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as fh:
+        on_disk = fh.seek(0, os.SEEK_END)
+        if on_disk < current:  # pragma: no cover - only if the disk lost synced bytes
+            _record(item, current, on_disk, item.upload_parts)
+            raise UploadRefused("offset_mismatch", f"The upload is at byte {on_disk}; resume from {on_disk}.")
+        # Bytes past the recorded offset are a PATCH that died before recording them: not ours.
+        fh.truncate(current)
+        received = 0
+        try:
+            for chunk in chunks:
+                fh.write(chunk)
+                received += len(chunk)
+        except UploadRefused:
+            fh.truncate(current)
+            raise
+        fh.flush()
+        # On disk before the offset says so: a crash never leaves a recorded offset past the data.
+        os.fdatasync(fh.fileno())
+    new_offset = current + received
+    if current < SNIFF_BYTES and (new_offset >= SNIFF_BYTES or new_offset == item.size):
+        # Refuse a wrong type as soon as its first bytes are in, not after the whole file.
+        with open(path, "rb") as fh:
+            _sniff_or_refuse(item, fh.read(SNIFF_BYTES))
+    _record(item, current, new_offset, {})
+    return new_offset
+
+
+def _append_s3(s3: Any, item: MediaItem, chunks: Iterator[bytes]) -> int:
+    """Add a PATCH's bytes to the item's S3 multipart upload: the old tail first, then whole
+    parts while at least a minimum part is left over; the last byte's PATCH sends everything."""
+    current = item.upload_received
+    state = dict(item.upload_parts)
+    parts: list[dict[str, Any]] = list(state.get("parts", []))
+    parts_end = sum(p["Size"] for p in parts)
+    old_tail = state.get("tail", "")
+    buf = bytearray(_s3_read_tail(s3, item, old_tail, current - parts_end))
+    floor, cut = _part_sizes(item.size)
+    sniffed = current >= SNIFF_BYTES
+    received = 0
+    for chunk in chunks:
+        buf += chunk
+        received += len(chunk)
+        if not sniffed and (len(buf) >= SNIFF_BYTES or current + received == item.size):
+            # Parts are >= 5 MiB, so below SNIFF_BYTES the buffer starts at byte 0: refuse a
+            # wrong type before any of it is stored.
+            _sniff_or_refuse(item, bytes(buf[:SNIFF_BYTES]))
+            sniffed = True
+        while len(buf) >= cut + floor:
+            parts.append(_s3_part(s3, item, state, len(parts) + 1, bytes(memoryview(buf)[:cut])))
+            del buf[:cut]
+    new_offset = current + received
+    last = new_offset == item.size
+    tail = ""
+    if last and not parts:
+        # The whole file fits one request: a plain PUT, no multipart upload.
+        _s3_put(s3, item.source_key, bytes(buf))
+    elif last or len(buf) >= floor:
+        parts.append(_s3_part(s3, item, state, len(parts) + 1, bytes(buf)))
+    elif buf:
+        # Named by its start, so a PATCH that dies after writing a longer tail or a part never
+        # changes the bytes that the recorded offset points at.
+        tail = f"{item.source_key}.tail-{new_offset - len(buf)}"
+        _s3_put(s3, tail, bytes(buf))
+    new_state: dict[str, Any] = {"id": state["id"], "parts": parts} if "id" in state else {}
+    if tail:
+        new_state["tail"] = tail
+    _record(item, current, new_offset, new_state)
+    if old_tail and old_tail != tail:
+        _s3_delete(s3, old_tail)
+    if last and "id" in state:
+        _s3_complete(s3, item)
+    return new_offset
+
+
+def _part_sizes(size: int) -> tuple[int, int]:
+    """(smallest part, size parts are cut at) for an upload of ``size`` bytes: big enough that
+    the parts of any upload, however small its PATCHes, stay within S3's 10,000."""
+    floor = max(MIN_PART_BYTES, -(-size // (MAX_PARTS - 1)))
+    return floor, max(PART_BYTES, floor)
+
+
+def _record(item: MediaItem, current: int, new_offset: int, parts: dict[str, Any]) -> None:
+    """The commit point of a PATCH: the new offset and parts, only if nothing moved meanwhile
+    (the lock should make that so; this catches a lock that expired under a stalled writer)."""
+    moved = MediaItem.objects.filter(pk=item.pk, upload_received=current).update(
+        upload_received=new_offset, upload_parts=parts, updated_at=timezone.now()
+    )
+    if not moved:
+        raise UploadRefused("offset_mismatch", "The upload changed underneath this request; ask where to resume.")
+    item.upload_received, item.upload_parts = new_offset, parts
 
 
 def upload_store(*, item: MediaItem, stream: IO[bytes], content_length: int | None, expected_size: int) -> MediaItem:
@@ -282,7 +379,7 @@ def upload_store(*, item: MediaItem, stream: IO[bytes], content_length: int | No
             with open(tmp, "rb") as fh:
                 _sniff_or_refuse(item, fh.read(SNIFF_BYTES))
             _store_staged(item, tmp)
-            staging_path(item.pk).unlink(missing_ok=True)  # a tus attempt this PUT replaces
+            _forget_tus(item)  # a tus attempt this PUT replaces
         finally:
             tmp.unlink(missing_ok=True)
         MediaItem.objects.filter(pk=item.pk).update(updated_at=timezone.now())
@@ -291,22 +388,31 @@ def upload_store(*, item: MediaItem, stream: IO[bytes], content_length: int | No
     return item
 
 
-def _copy(stream: IO[bytes], out: IO[bytes], *, limit: int, lock: Any) -> int:
-    """Copy at most ``limit`` bytes in chunks; more than that is refused (and left to the caller)."""
+def _chunks(stream: IO[bytes], *, limit: int, lock: Any) -> Iterator[bytes]:
+    """The body in chunks of at most CHUNK_BYTES; more than ``limit`` bytes is refused."""
     received = 0
     last_extend = time.monotonic()
     while True:
         chunk = stream.read(min(CHUNK_BYTES, limit - received + 1))
         if not chunk:
-            return received
+            return
         received += len(chunk)
         if received > limit:
             raise UploadRefused("too_large", f"The body is longer than the {limit} bytes still expected.")
-        out.write(chunk)
+        yield chunk
         if time.monotonic() - last_extend > LOCK_SECONDS / 3:
             # A slow client (under a WSGI server, reading from the socket) keeps its lock.
             lock.extend(LOCK_SECONDS, replace_ttl=True)
             last_extend = time.monotonic()
+
+
+def _copy(stream: IO[bytes], out: IO[bytes], *, limit: int, lock: Any) -> int:
+    """Copy at most ``limit`` bytes; more than that is refused (and left to the caller)."""
+    received = 0
+    for chunk in _chunks(stream, limit=limit, lock=lock):
+        out.write(chunk)
+        received += len(chunk)
+    return received
 
 
 def _store_staged(item: MediaItem, path: Path) -> None:
@@ -350,10 +456,12 @@ def _complete(item: MediaItem) -> MediaItem:
         raise UploadRefused("upload_failed", item.error_message or "This upload has failed.")
     if not upload_is_open(item):
         return item  # already completed: completing twice enqueues once
-    staged = staging_path(item.pk)
-    if staged.exists() and staged.stat().st_size == item.size:
-        _store_staged(item, staged)
-    if not item.source_key or not default_storage.exists(item.source_key):
+    s3 = s3_storage()
+    if s3 is not None and item.upload_received == item.size and "id" in item.upload_parts:
+        _s3_complete(s3, item)  # every byte is in its parts, but completing them failed before
+    stored = default_storage.size(item.source_key) if default_storage.exists(item.source_key) else None
+    if stored != item.size and (stored is None or 0 < item.upload_received < item.size):
+        # Nothing stored, or a tus upload under way (on local storage its file grows in place).
         have = upload_offset(item)
         raise UploadRefused(
             "not_uploaded",
@@ -361,13 +469,14 @@ def _complete(item: MediaItem) -> MediaItem:
             if have
             else "No bytes have been uploaded for this item yet.",
         )
-    stored = default_storage.size(item.source_key)
     if stored != item.size:
-        default_storage.delete(item.source_key)
+        _restart(item)
         raise UploadRefused(
             "size_mismatch", f"{stored} bytes were stored but {item.size} were declared; upload the file again."
         )
     sniffed = _sniff_or_refuse(item, _read_head(item.source_key))
+    if item.upload_parts:
+        _forget_tus(item)  # a tus attempt that a whole-file PUT replaced
     with transaction.atomic():
         # The bytes settle the kind of an image; audio/video is settled by the worker's probe
         # (the web process never runs a decoder), which also measures duration.
@@ -395,7 +504,7 @@ def _sniff_or_refuse(item: MediaItem, head: bytes) -> Sniffed:
 
 def _refuse(item: MediaItem, exc: MediaError) -> NoReturn:
     """Fail the item with the reason, drop its bytes, and refuse the request. Nothing is queued."""
-    staging_path(item.pk).unlink(missing_ok=True)
+    _forget_tus(item)
     if item.source_key and default_storage.exists(item.source_key):
         default_storage.delete(item.source_key)
     lifecycle.failed(
@@ -418,6 +527,140 @@ def _read_head(key: str, size: int = SNIFF_BYTES) -> bytes:
         return bytes(fh.read(size))
 
 
+# --- S3 multipart bookkeeping ------------------------------------------------------------------
+
+
+def _s3_client(s3: Any) -> Any:
+    return s3.connection.meta.client
+
+
+def _s3_part(s3: Any, item: MediaItem, state: dict[str, Any], number: int, data: bytes) -> dict[str, Any]:
+    """Upload one part, starting the item's multipart upload on its first part."""
+    client, name = _s3_client(s3), s3_object_name(s3, item.source_key)
+    if "id" not in state:
+        created = client.create_multipart_upload(
+            Bucket=s3.bucket_name, Key=name, ContentType="application/octet-stream"
+        )
+        state["id"] = created["UploadId"]
+    answer = client.upload_part(Bucket=s3.bucket_name, Key=name, UploadId=state["id"], PartNumber=number, Body=data)
+    return {"PartNumber": number, "ETag": answer["ETag"], "Size": len(data)}
+
+
+def _s3_complete(s3: Any, item: MediaItem) -> None:
+    """Join the recorded parts into the object at ``source_key``; then the tails go."""
+    from botocore.exceptions import ClientError
+
+    state = item.upload_parts
+    parts = [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in state["parts"]]
+    try:
+        _s3_client(s3).complete_multipart_upload(
+            Bucket=s3.bucket_name,
+            Key=s3_object_name(s3, item.source_key),
+            UploadId=state["id"],
+            MultipartUpload={"Parts": parts},
+        )
+    except ClientError as exc:
+        # Completed by an earlier attempt whose answer was lost: the object is there, whole.
+        if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+            raise
+        if not (default_storage.exists(item.source_key) and default_storage.size(item.source_key) == item.size):
+            _restart(item)
+            raise UploadRefused(
+                "offset_mismatch", "This upload's parts are gone from storage; resume from 0."
+            ) from None
+    _forget_tus(item, abort=False)
+
+
+def _forget_tus(item: MediaItem, *, abort: bool = True) -> None:
+    """Drop a tus upload's S3 bookkeeping: abort its multipart upload (unless it was just
+    completed) and delete its tail objects, including any a dead PATCH left behind."""
+    s3 = s3_storage()
+    state = item.upload_parts
+    if s3 is not None and item.source_key:
+        if abort and "id" in state:
+            _s3_abort(s3, s3_object_name(s3, item.source_key), state["id"])
+        folder, _, base = item.source_key.rpartition("/")
+        try:
+            names = default_storage.listdir(folder)[1]
+        except FileNotFoundError:  # pragma: no cover - S3 lists nothing rather than failing
+            names = []
+        for name in names:
+            if name.startswith(f"{base}.tail-"):
+                _s3_delete(s3, f"{folder}/{name}")
+    if state:
+        MediaItem.objects.filter(pk=item.pk).update(upload_parts={})
+        item.upload_parts = {}
+
+
+def _restart(item: MediaItem) -> None:
+    """Back to byte 0: what was stored cannot make the declared file (it is gone or the wrong size)."""
+    _forget_tus(item)
+    if default_storage.exists(item.source_key):
+        default_storage.delete(item.source_key)
+    MediaItem.objects.filter(pk=item.pk).update(upload_received=0, upload_parts={})
+    item.upload_received, item.upload_parts = 0, {}
+
+
+def _s3_abort(s3: Any, name: str, upload_id: str) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        _s3_client(s3).abort_multipart_upload(Bucket=s3.bucket_name, Key=name, UploadId=upload_id)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+            raise
+
+
+def _s3_put(s3: Any, key: str, data: bytes) -> None:
+    _s3_client(s3).put_object(
+        Bucket=s3.bucket_name, Key=s3_object_name(s3, key), Body=data, ContentType="application/octet-stream"
+    )
+
+
+def _s3_read_tail(s3: Any, item: MediaItem, key: str, size: int) -> bytes:
+    """The first ``size`` bytes of the tail: a longer tail object is a dead PATCH's, past the offset."""
+    from botocore.exceptions import ClientError
+
+    if not size:
+        return b""
+    try:
+        answer = _s3_client(s3).get_object(
+            Bucket=s3.bucket_name, Key=s3_object_name(s3, key), Range=f"bytes=0-{size - 1}"
+        )
+        data = bytes(answer["Body"].read())
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "InvalidRange"):
+            raise
+        data = b""
+    if len(data) != size:  # pragma: no cover - only if someone deleted or cut the tail object
+        _restart(item)
+        raise UploadRefused("offset_mismatch", "Part of this upload is gone from storage; resume from 0.")
+    return data
+
+
+def _s3_delete(s3: Any, key: str) -> None:
+    _s3_client(s3).delete_object(Bucket=s3.bucket_name, Key=s3_object_name(s3, key))
+
+
+def _s3_stray_uploads(s3: Any, cutoff: datetime) -> int:
+    """Abort multipart uploads under ``uploads/`` that no open item records, started before
+    ``cutoff`` (a PATCH that died between starting one and recording it)."""
+    open_ids = {
+        parts.get("id")
+        for parts in MediaItem.objects.filter(status=MediaStatus.PENDING, upload_finished_at__isnull=True).values_list(
+            "upload_parts", flat=True
+        )
+    }
+    client, prefix = _s3_client(s3), s3_object_name(s3, "uploads/")
+    aborted = 0
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=s3.bucket_name, Prefix=prefix):
+        for upload in page.get("Uploads", []):
+            if upload["UploadId"] not in open_ids and upload["Initiated"] < cutoff:
+                _s3_abort(s3, upload["Key"], upload["UploadId"])
+                aborted += 1
+    return aborted
+
+
 # --- delete, retry, expire --------------------------------------------------------------------
 
 
@@ -429,7 +672,7 @@ def upload_delete(*, item: MediaItem) -> None:
         # escapes the kill sees Failed at its next cancel check.
         lifecycle.cancelled(item_id=item.pk, message="The upload was deleted.", deleted=True)
         item.refresh_from_db()
-        staging_path(item.pk).unlink(missing_ok=True)
+        _forget_tus(item)
         media_item_remove_files(item, source=True)
         MediaItem.objects.filter(pk=item.pk).delete()
         # The last word to other tabs and clients: it is gone (a Failed item would otherwise
@@ -456,7 +699,8 @@ def upload_retry(*, item: MediaItem) -> MediaItem:
 
 
 def uploads_expire(*, now: datetime | None = None) -> int:
-    """Remove uploads idle past UPLOAD_EXPIRY_SECONDS and stray staging files. For the beat schedule."""
+    """Remove uploads idle past UPLOAD_EXPIRY_SECONDS (with their S3 multipart uploads and tails),
+    multipart uploads no item records, and stray PUT staging files. For the beat schedule."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.UPLOAD_EXPIRY_SECONDS)
     removed = 0
@@ -467,6 +711,9 @@ def uploads_expire(*, now: datetime | None = None) -> int:
             removed += 1
         except UploadRefused:
             continue  # a chunk is arriving right now: not abandoned
+    s3 = s3_storage()
+    if s3 is not None:
+        _s3_stray_uploads(s3, cutoff)
     staging = Path(settings.UPLOAD_STAGING_DIR)
     if staging.is_dir():
         for path in staging.iterdir():

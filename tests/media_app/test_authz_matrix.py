@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 import requests
 import websockets
-from django.conf import settings
 from django.core import signing
 from django.core.files.storage import default_storage
 from django.test import Client as DjangoClient
@@ -101,8 +100,7 @@ def state(item_id: Any) -> tuple[Any, ...] | None:
     item = MediaItem.objects.filter(pk=item_id).first()
     if item is None:
         return None
-    staged = settings.UPLOAD_STAGING_DIR / f"{item.pk}.part"
-    return (item.status, item.event_seq, item.error_code, staged.stat().st_size if staged.exists() else 0)
+    return (item.status, item.event_seq, item.error_code, item.upload_received)
 
 
 def code_of(response: requests.Response) -> str:

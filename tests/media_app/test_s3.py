@@ -19,7 +19,6 @@ from django.core.files.storage import default_storage
 
 from media_app.models import MediaItem, MediaStatus
 from media_app.services import media_item_create, renditions_replace
-from media_app.uploads import staging_path
 from tests.media_app.test_api_support import HTML_AS_MP4, create, error_of
 from tests.states import set_state
 
@@ -79,23 +78,29 @@ def test_complete_refuses_a_wrong_size_or_type_and_drops_the_object(
     assert sent.tasks == []
 
 
-def test_tus_on_s3_assembles_on_local_disk_and_pushes_the_whole_file_at_the_end(
-    api, clip, s3_storage, sent, django_capture_on_commit_callbacks
+def test_tus_on_s3_keeps_a_short_upload_in_a_tail_object_then_one_put(
+    api, clip, s3_storage, sent, settings, django_capture_on_commit_callbacks
 ):
+    """Below S3's 5 MiB part floor no multipart upload is started: the bytes so far wait in a
+    tail object in the bucket (where any web process finds them), and the last PATCH PUTs the file."""
     client, _ = api()
     data = clip.read_bytes()
+    assert len(data) < 5 * 1024**2
     created = client.post("/api/tus/", HTTP_UPLOAD_LENGTH=str(len(data)), **TUS)
     url = created["Location"]
     item_id = url.rsplit("/", 1)[1]
     half = len(data) // 2
     chunk = {"content_type": "application/offset+octet-stream"}
     assert client.generic("PATCH", url, data[:half], HTTP_UPLOAD_OFFSET="0", **chunk, **TUS).status_code == 204
-    assert s3_storage.keys() == [] and staging_path(item_id).stat().st_size == half
+    assert s3_storage.keys() == [f"uploads/{item_id}/source.tail-0"]
+    assert s3_storage.get(f"uploads/{item_id}/source.tail-0") == data[:half]
+    assert not settings.UPLOAD_STAGING_DIR.exists() or not any(settings.UPLOAD_STAGING_DIR.iterdir())
     with django_capture_on_commit_callbacks(execute=True):
         last = client.generic("PATCH", url, data[half:], HTTP_UPLOAD_OFFSET=str(half), **chunk, **TUS)
     assert last.status_code == 204
+    assert s3_storage.keys() == [f"uploads/{item_id}/source"]
     assert s3_storage.get(f"uploads/{item_id}/source") == data
-    assert not staging_path(item_id).exists()
+    assert s3_storage.client.list_multipart_uploads(Bucket=s3_storage.name).get("Uploads", []) == []
     assert len(sent.for_item(item_id)) == 1
 
 

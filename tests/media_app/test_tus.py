@@ -10,11 +10,12 @@ import datetime as dt
 
 import pytest
 import redis
-from django.core.files.storage import FileSystemStorage, default_storage
+from django.core.files.storage import default_storage
 from rest_framework.test import APIClient
 
+from media_app import uploads
 from media_app.models import MediaItem, MediaStatus
-from media_app.uploads import staging_path, upload_lock_name, uploads_expire
+from media_app.uploads import upload_lock_name, uploads_expire
 from tests.media_app.test_api_support import HTML_AS_MP4, create, error_of
 
 pytest_plugins = ["tests.media_app.test_api_support"]
@@ -69,7 +70,7 @@ def test_every_answer_carries_tus_resumable_even_errors(api):
 
 
 def test_chunks_resume_from_the_server_offset_and_the_last_one_completes(
-    api, clip, sent, django_capture_on_commit_callbacks
+    api, clip, sent, settings, django_capture_on_commit_callbacks
 ):
     client, _ = api()
     data = clip.read_bytes()
@@ -86,6 +87,9 @@ def test_chunks_resume_from_the_server_offset_and_the_last_one_completes(
     first = _patch(client, url, 0, data[:third])
     assert first.status_code == 204 and first["Upload-Offset"] == str(third)
     assert "Upload-Expires" in first
+    # The chunk is in storage itself, where any web process can append the next one.
+    assert default_storage.open(item.source_key).read() == data[:third]
+    assert not settings.UPLOAD_STAGING_DIR.exists() or not any(settings.UPLOAD_STAGING_DIR.iterdir())
 
     # A client that lost the answer retries from 0: refused with the offset to resume from.
     stale = _patch(client, url, 0, data[:third])
@@ -101,7 +105,6 @@ def test_chunks_resume_from_the_server_offset_and_the_last_one_completes(
 
     item.refresh_from_db()
     assert default_storage.open(item.source_key).read() == data
-    assert not staging_path(item.pk).exists()
     assert item.task_id and len(sent.for_item(item.pk)) == 1
     # Done: HEAD says so, and "complete" again changes nothing.
     assert client.head(url, **TUS)["Upload-Offset"] == str(len(data))
@@ -164,10 +167,10 @@ def test_termination_removes_the_upload_and_its_bytes(api, clip):
     url, _ = _create(client, len(data))
     item_id = url.rsplit("/", 1)[1]
     _patch(client, url, 0, data[:1000])
-    assert staging_path(item_id).stat().st_size == 1000
+    assert default_storage.size(f"uploads/{item_id}/source") == 1000
     response = client.delete(url, **TUS)
     assert response.status_code == 204 and response["Tus-Resumable"] == "1.0.0"
-    assert not staging_path(item_id).exists()
+    assert not default_storage.exists(f"uploads/{item_id}/source")
     assert client.head(url, **TUS).status_code == 404
     assert not MediaItem.objects.filter(pk=item_id).exists()
 
@@ -187,7 +190,8 @@ def test_idle_uploads_expire_and_the_cleanup_removes_them(api, clip, settings):
     late = _patch(client, stale_url, 1000, data[1000:2000])
     assert late.status_code == 410 and error_of(late)["code"] == "upload_expired"
     assert uploads_expire() == 1
-    assert not MediaItem.objects.filter(pk=stale_id).exists() and not staging_path(stale_id).exists()
+    assert not MediaItem.objects.filter(pk=stale_id).exists()
+    assert not default_storage.exists(f"uploads/{stale_id}/source")
     assert client.head(fresh_url, **TUS)["Upload-Offset"] == "1000"
 
 
@@ -200,7 +204,7 @@ def test_wrong_content_is_refused_at_the_first_chunk_not_after_the_whole_file(ap
     assert error_of(first)["message"] == "The file is not a video, audio or image file we can read."
     item = MediaItem.objects.get(pk=url.rsplit("/", 1)[1])
     assert item.status == MediaStatus.FAILED and item.error_code == "invalid_input"
-    assert not staging_path(item.pk).exists()
+    assert not default_storage.exists(f"uploads/{item.pk}/source")
     assert client.head(url, **TUS).status_code == 410
     assert sent.tasks == []
 
@@ -224,7 +228,7 @@ def test_metadata_file_names_are_cleaned(api):
     assert item.source_key == f"uploads/{item.pk}/source"
 
 
-def test_a_head_finishes_an_upload_whose_bytes_all_arrived_but_could_not_be_stored(
+def test_a_head_finishes_an_upload_whose_bytes_all_arrived_but_could_not_be_completed(
     api, clip, sent, monkeypatch, django_capture_on_commit_callbacks
 ):
     client, _ = api()
@@ -233,16 +237,43 @@ def test_a_head_finishes_an_upload_whose_bytes_all_arrived_but_could_not_be_stor
     url, _ = _create(client, len(data))
     item_id = url.rsplit("/", 1)[1]
 
-    def storage_down(*args, **kwargs):
-        raise ConnectionError("storage unavailable")
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("broker unavailable")
 
     with monkeypatch.context() as patched:
-        patched.setattr(FileSystemStorage, "save", storage_down)
+        patched.setattr(uploads, "media_processing_start", broker_down)
         assert _patch(client, url, 0, data).status_code == 500
-    assert staging_path(item_id).stat().st_size == len(data) and not sent.tasks
+    item = MediaItem.objects.get(pk=item_id)
+    assert item.upload_received == len(data) and item.upload_open and not sent.tasks
 
     with django_capture_on_commit_callbacks(execute=True):
         head = client.head(url, **TUS)
     assert head.status_code == 200 and head["Upload-Offset"] == str(len(data))
     assert default_storage.open(f"uploads/{item_id}/source").read() == data
     assert len(sent.for_item(item_id)) == 1
+
+
+def test_bytes_a_dead_patch_wrote_past_the_recorded_offset_are_discarded(
+    api, clip, sent, django_capture_on_commit_callbacks
+):
+    """A web process killed between writing a chunk and recording it leaves bytes the offset
+    does not count: the client is told the recorded offset, and its resumed chunk replaces them."""
+    client, _ = api()
+    data = clip.read_bytes()
+    url, _ = _create(client, len(data))
+    item = MediaItem.objects.get(pk=url.rsplit("/", 1)[1])
+    half = len(data) // 2
+    assert _patch(client, url, 0, data[:half]).status_code == 204
+    with open(default_storage.path(item.source_key), "ab") as fh:
+        fh.write(b"\xff" * 5000)  # what the dead PATCH got on disk
+
+    head = client.head(url, **TUS)
+    assert head["Upload-Offset"] == str(half)
+    # "Complete" now refuses without dropping the partial upload.
+    early = client.post(f"/api/media/{item.pk}/complete")
+    assert early.status_code == 409 and error_of(early)["code"] == "not_uploaded"
+    with django_capture_on_commit_callbacks(execute=True):
+        last = _patch(client, url, half, data[half:])
+    assert last.status_code == 204 and last["Upload-Offset"] == str(len(data))
+    assert default_storage.open(item.source_key).read() == data
+    assert len(sent.for_item(item.pk)) == 1

@@ -11,7 +11,6 @@ maintenance tests do, goes around all of that; these tests do not.
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -22,13 +21,15 @@ from celery.result import AsyncResult
 from celery.signals import before_task_publish
 from django.apps import apps
 from django.conf import settings as django_settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 
 from config.celery import app as celery_app
 from media_app.models import MediaItem
-from media_app.uploads import UploadRefused, staging_path, upload_create
+from media_app.uploads import UploadRefused, upload_create
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.postgres
@@ -124,10 +125,9 @@ def test_abandoned_uploads_expire_through_beat_and_stop_counting_against_the_lim
     settings.UPLOAD_QUOTA_BYTES = 60 * MB  # in this process, where create checks it
     user = make_user()
     left = [upload_create(owner=user, file_name=f"left-{n}.mp4", size=5 * MB) for n in range(10)]
-    for item in left[:3]:
-        path = staging_path(item.pk)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"\0" * MB)
+    for item in left[:3]:  # a megabyte in, as a tus PATCH leaves it: in storage, counted
+        default_storage.save(item.source_key, ContentFile(b"\0" * MB))
+        MediaItem.objects.filter(pk=item.pk).update(upload_received=MB)
     with pytest.raises(UploadRefused) as refused:
         upload_create(owner=user, file_name="new.mp4", size=MB)
     assert refused.value.code == "too_many_uploads"
@@ -135,8 +135,6 @@ def test_abandoned_uploads_expire_through_beat_and_stop_counting_against_the_lim
     # A day and an hour later: nothing more arrived.
     idle_since = timezone.now() - timedelta(seconds=django_settings.UPLOAD_EXPIRY_SECONDS + 3600)
     MediaItem.objects.filter(pk__in=[i.pk for i in left]).update(updated_at=idle_since)
-    for item in left[:3]:
-        os.utime(staging_path(item.pk), (idle_since.timestamp(), idle_since.timestamp()))
     with pytest.raises(UploadRefused) as refused:
         upload_create(owner=user, file_name="big.mp4", size=15 * MB)
     assert refused.value.code == "quota_exceeded"  # their announced bytes still count
@@ -147,7 +145,7 @@ def test_abandoned_uploads_expire_through_beat_and_stop_counting_against_the_lim
     assert result.successful(), result.traceback
     assert result.result >= 10
     assert not MediaItem.objects.filter(pk__in=[i.pk for i in left]).exists()
-    assert not any(staging_path(i.pk).exists() for i in left)
+    assert not any(default_storage.exists(i.source_key) for i in left)
     again = [upload_create(owner=user, file_name=f"again-{n}.mp4", size=MB) for n in range(9)]
     big = upload_create(owner=user, file_name="big.mp4", size=15 * MB)
     assert len(again) == 9 and big.status == "Pending"
