@@ -6,6 +6,7 @@ from __future__ import annotations
 import faulthandler
 import io
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -244,6 +245,55 @@ def test_wide_gamut_is_converted_to_srgb_and_profile_dropped(tmp_path: Path, out
         assert not im.info.get("icc_profile")
         got = rgb_at(im, (32, 32))
         assert close_to(got, want, tolerance=8), (im.format, got, want)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_wide_gamut_photo_is_converted_on_both_halves(tmp_path: Path, out_dir: Path, mode: str) -> None:
+    # Above 1 MP out, resize and colour conversion run in two bands on two threads: both bands,
+    # and the rows at their seam, come out converted (and the alpha kept where there is one).
+    _register_heif()
+    p3: bytes = Image.open(REAL / "pug.heic").info["icc_profile"]
+    src = tmp_path / "p3.png"
+    top, bottom = (200, 60, 40), (40, 170, 90)
+    picture = Image.new(mode, (2400, 1800), (*top, 255))
+    picture.paste((*bottom, 128), (0, 1350, 2400, 1800))  # out: from row 1152
+    picture.save(src, "PNG", icc_profile=p3, compress_level=1)
+    to_srgb = ImageCms.buildTransform(
+        ImageCms.ImageCmsProfile(io.BytesIO(p3)), ImageCms.createProfile("sRGB"), "RGB", "RGB"
+    )
+    want = {}
+    for name, colour in (("top", top), ("bottom", bottom)):
+        converted = ImageCms.applyTransform(Image.new("RGB", (1, 1), colour), to_srgb)
+        assert converted is not None
+        want[name] = rgb_at(converted, (0, 0))
+
+    _, plan, result = process(src, out_dir)
+
+    assert (plan.width, plan.height) == (2048, 1536)
+    for im in both_outputs(out_dir, result):
+        assert im.size == (2048, 1536)
+        for y in (10, 700, 766, 767, 768, 769, 1000):  # the bands meet between rows 767 and 768
+            assert close_to(rgb_at(im, (1000, y)), want["top"], tolerance=8), (im.format, y)
+        if mode == "RGBA":
+            assert im.mode == "RGBA"
+            assert im.getpixel((1000, 1500))[3] == pytest.approx(128, abs=8)
+        else:
+            assert close_to(rgb_at(im, (1000, 1500)), want["bottom"], tolerance=8), im.format
+
+
+def test_heic_pixels_are_decoded_once_by_encode(out_dir: Path) -> None:
+    # The decode stage proves a HEIF whole from its header and boxes; its HEVC tiles (a third of a
+    # second of CPU for 12 MP) are decoded once, by encode. CPU time, so a busy machine cannot fail it.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    info = image_decode(REAL / "pug.heic", out_dir, limits=PROFILES.limits)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+    assert (info.width, info.height, info.mode) == (4032, 3024, "RGB")
+    assert cpu < 0.12, f"the decode stage used {cpu * 1000:.0f} ms of CPU"
+    plan = image_normalize(info, profiles=PROFILES)
+    result = image_encode(REAL / "pug.heic", info, plan, out_dir, profiles=PROFILES, limits=PROFILES.limits)
+    assert [im.size for im in both_outputs(out_dir, result)] == [(2048, 1536)] * 2
 
 
 def _register_heif() -> None:
