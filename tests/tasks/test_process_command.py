@@ -13,7 +13,7 @@ import pillow_heif
 import pytest
 from PIL import Image, ImageOps
 
-from tests.conftest import TESTDATA, run_process_command
+from tests.conftest import TESTDATA, run_process_command, wait_for
 from tests.media import (
     best_matching_frame,
     colour_difference,
@@ -256,7 +256,55 @@ def _decoded(path: str) -> dict:
 @pytest.mark.parametrize("name", sorted(EXPECTED_MADE))
 def test_every_kind_of_file_people_have_completes(made, name):
     files, reports = made
-    report = reports[name]
+    _check_made(files, name, reports[name])
+
+
+@pytest.mark.worker
+def test_the_worker_converts_every_kind_of_file_as_the_command_does(made, celery_worker, make_item):
+    """The same files through the real worker (Celery tasks on both queues, the stage files in
+    storage): the same outcome per file, checked the same way."""
+    from django.core.files.storage import default_storage
+
+    from media_app.services import media_processing_start
+
+    files, _ = made
+    items = {name: make_item(files[name]) for name in [*EXPECTED_MADE, *REFUSED]}
+    for item in items.values():
+        assert media_processing_start(item=item)
+
+    def all_final() -> bool:
+        for item in items.values():
+            item.refresh_from_db()
+        return all(item.is_final for item in items.values())
+
+    wait_for(all_final, timeout=300, what="every made file to finish on the worker")
+    problems = {}
+    for name, item in items.items():
+        report = {
+            "status": item.status,
+            "kind": item.kind,
+            "error": {"code": item.error_code, "message": item.error_message} if item.error_code else None,
+            "outputs": [
+                {"role": r.role, "path": default_storage.path(r.storage_key), "bytes": r.bytes}
+                for r in item.renditions.all()
+            ],
+        }
+        try:
+            if name in REFUSED:
+                assert (report["status"], report["error"]) == (
+                    "Failed",
+                    {"code": REFUSED[name][1], "message": REFUSED[name][2]},
+                )
+            else:
+                _check_made(files, name, report)
+        except AssertionError as exc:
+            problems[name] = f"{report['status']} {report['error']}: {exc}"
+    assert not problems, problems
+
+
+def _check_made(files: dict[str, Path], name: str, report: dict) -> None:
+    """What a viewer would check of one made file's outputs (``report``: status, error, kind and
+    outputs with their paths, as ``manage.py process --json`` prints them)."""
     kind, duration = EXPECTED_MADE[name]
     assert (report["status"], report["error"], report["kind"]) == ("Completed", None, kind)
     if kind == "image":
