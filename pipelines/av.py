@@ -648,33 +648,20 @@ def encode(
     """AV1 (SVT-AV1) + Opus, or Opus alone, with a key frame starting every DASH segment."""
     with _timed("encode", kind=demuxed.kind):
         out_dir.mkdir(parents=True, exist_ok=True)
-        vp, ap = profiles.video, profiles.audio
+        vp = profiles.video
         args: list[str] = []
         codecs = []
         if plan.video is not None and filters.video is not None:
             seg = vp.segment_seconds
-            args += [
-                "-map", "0:v:0", "-vf", filters.video,
-                "-c:v", vp.codec, "-preset", str(vp.preset), "-crf", str(vp.crf), "-pix_fmt", vp.pix_fmt,
-                "-color_range", plan.video.color_range,
-                # SVT-AV1's own GOP is ~5 s; DASH cuts segments at key frames, so force one at every
-                # segment boundary (by time, robust to odd rates) and make the GOP the same length.
-                "-g", str(plan.video.gop), "-force_key_frames", f"expr:gte(t,n_forced*{seg:g})",
-            ]  # fmt: skip
-            if plan.video.max_bitrate:
-                cap = plan.video.max_bitrate
-                args += ["-maxrate", str(cap), "-bufsize", str(2 * cap)]
+            # SVT-AV1's own GOP is ~5 s; DASH cuts segments at key frames, so force one at every
+            # segment boundary (by time, robust to odd rates) and make the GOP the same length.
+            keys = f"expr:gte(t,n_forced*{seg:g})"
+            args += ["-map", "0:v:0", "-vf", filters.video, *video_codec_args(plan.video, profiles, keys)]
             codecs.append("av1")
         else:
             args += ["-vn"]
         if plan.audio is not None and filters.audio is not None:
-            a = plan.audio
-            args += ["-map", "0:a:0", "-af", filters.audio, "-c:a", ap.codec, "-b:a", str(a.bitrate or ap.bitrate)]
-            if a.capped and ap.codec == "libopus":
-                args += ["-vbr", "constrained"]
-                if a.bitrate < _LOW_BITRATE:
-                    # 60 ms frames: a third of the per-packet overhead, which at 10 kb/s is 15 %.
-                    args += ["-frame_duration", "60"]
+            args += ["-map", "0:a:0", "-af", filters.audio, *audio_codec_args(plan.audio, profiles)]
             codecs.append("opus")
         else:
             args += ["-an"]
@@ -696,6 +683,35 @@ def encode(
             duration=round(result.out_time, 3) if result.out_time else plan.duration,
             seconds=round(result.seconds, 3),
         )
+
+
+def audio_codec_args(a: AudioPlan, profiles: Profiles) -> list[str]:
+    """The Opus encoder's options (the whole-file encode's, and the chunked path's audio task)."""
+    ap = profiles.audio
+    args = ["-c:a", ap.codec, "-b:a", str(a.bitrate or ap.bitrate)]
+    if a.capped and ap.codec == "libopus":
+        args += ["-vbr", "constrained"]
+        if a.bitrate < _LOW_BITRATE:
+            # 60 ms frames: a third of the per-packet overhead, which at 10 kb/s is 15 %.
+            args += ["-frame_duration", "60"]
+    return args
+
+
+def video_codec_args(video: VideoPlan, profiles: Profiles, key_frames: str) -> list[str]:
+    """The AV1 encoder's options, shared by the whole-file encode and the chunk encodes (so a
+    chunk is encoded exactly as its stretch of the whole file would be)."""
+    vp = profiles.video
+    args = [
+        "-c:v", vp.codec, "-preset", str(vp.preset), "-crf", str(vp.crf), "-pix_fmt", vp.pix_fmt,
+        "-color_range", video.color_range, "-g", str(video.gop), "-force_key_frames", key_frames,
+    ]  # fmt: skip
+    if vp.threads > 0 and vp.codec == "libsvtav1":
+        # SVT-AV1 ignores -threads; lp= bounds the cores it uses, so workers x threads = cores.
+        args += ["-svtav1-params", f"lp={vp.threads}"]
+    if video.max_bitrate:
+        cap = video.max_bitrate
+        args += ["-maxrate", str(cap), "-bufsize", str(2 * cap)]
+    return args
 
 
 # --- mux -------------------------------------------------------------------------------------

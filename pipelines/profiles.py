@@ -26,6 +26,13 @@ class VideoProfile:
     pix_fmt: str = "yuv420p"
     # DASH segments are cut on keyframes, so the GOP is the segment length.
     segment_seconds: float = 4.0
+    # Split-and-stitch: a video longer than this is encoded in chunks of about this length (a
+    # whole number of segments), each a task on any video worker, joined without re-encoding.
+    # 0 turns it off. The default is measured in docs/decisions.md.
+    chunk_seconds: float = 60.0
+    # The encoder's threads (SVT-AV1 lp=); 0 lets it use every core. Set it so that a host's
+    # video workers x threads = its cores.
+    threads: int = 0
 
 
 @dataclass(frozen=True)

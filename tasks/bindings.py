@@ -5,7 +5,9 @@ limits and the dispatch are all built from it, so adding a stage is adding one l
 
 from __future__ import annotations
 
+import functools
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -18,7 +20,7 @@ from django.core.files.storage import default_storage
 
 from media_app.jobs import Queue
 from media_app.services import output_key_for, rendition_put, renditions_replace
-from pipelines import av, images
+from pipelines import av, chunked, images
 from pipelines.detect import Detected, detect
 from pipelines.profiles import Profiles
 from pipelines.results import Output
@@ -108,6 +110,82 @@ def _encode(ctx: StageContext) -> Any:
         progress=ctx.progress,
         cancel=ctx.cancelled,
     )
+
+
+# --- split-and-stitch: the encode of a long video as chunks on any host (pipelines.chunked) ------
+
+PLAN_STAGE, AUDIO_STAGE = "encode.plan", "encode.audio"
+
+
+def part_stage(index: int) -> str:
+    """A chunk's own stage folder (work/<item>/encode.part00003/…), done when its done.json is."""
+    return f"encode.part{index:05d}"
+
+
+def chunk_plan(ctx: StageContext) -> chunked.ChunkPlan | None:
+    """The chunks of this item's encode, or None when it is encoded whole (not a video, chunking
+    off, or not longer than one chunk)."""
+    if ctx.item.kind != "video":
+        return None
+    vp = profiles().video
+    plan = ctx.result("normalize", av.NormalizePlan)
+    if plan.video is None or vp.chunk_seconds <= 0:
+        return None
+    split = functools.partial(
+        chunked.split,
+        duration=plan.duration,
+        frame_rate=plan.video.frame_rate,
+        segment_seconds=vp.segment_seconds,
+        chunk_seconds=vp.chunk_seconds,
+    )
+    if len(split()) < 2:
+        return None
+    demuxed, filters = ctx.result("demux", av.DemuxResult), ctx.result("filter", av.FilterSpec)
+    origin = chunked.first_frame_pts(demuxed, ctx.dir("demux"), filters, plan, ctx.out_dir, limits=_limits())
+    ranges = split(origin=origin)
+    per = chunked.segments_per_chunk(segment_seconds=vp.segment_seconds, chunk_seconds=vp.chunk_seconds)
+    return chunked.ChunkPlan(plan.video.frame_rate, vp.segment_seconds, per, ranges, started=time.time())
+
+
+def encode_part(ctx: StageContext, index: int) -> chunked.PartResult:
+    return chunked.encode_part(
+        ctx.result("demux", av.DemuxResult),
+        ctx.dir("demux"),
+        ctx.result("filter", av.FilterSpec),
+        ctx.result("normalize", av.NormalizePlan),
+        ctx.result(PLAN_STAGE, chunked.ChunkPlan),
+        index,
+        ctx.out_dir,
+        profiles=profiles(),
+        limits=_limits(),
+        cancel=ctx.cancelled,
+    )
+
+
+def encode_audio(ctx: StageContext) -> chunked.AudioPart:
+    return chunked.encode_audio(
+        ctx.result("demux", av.DemuxResult),
+        ctx.dir("demux"),
+        ctx.result("filter", av.FilterSpec),
+        ctx.result("normalize", av.NormalizePlan),
+        ctx.out_dir,
+        profiles=profiles(),
+        limits=_limits(),
+        cancel=ctx.cancelled,
+    )
+
+
+def join_parts(ctx: StageContext) -> av.EncodeResult:
+    plan = ctx.result(PLAN_STAGE, chunked.ChunkPlan)
+    parts = []
+    for rng in plan.ranges:
+        stage_name = part_stage(rng.index)
+        part = ctx.result(stage_name, chunked.PartResult)
+        parts.append((ctx.dir(stage_name) / part.file, part))
+    audio = ctx.result(AUDIO_STAGE, chunked.AudioPart)
+    audio_path = ctx.dir(AUDIO_STAGE) / audio.file if audio.file else None
+    normalized = ctx.result("normalize", av.NormalizePlan)
+    return chunked.join(parts, audio_path, normalized, plan, ctx.out_dir, limits=_limits())
 
 
 def _mux(ctx: StageContext) -> Any:

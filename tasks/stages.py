@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery import Task, chain, shared_task
+from celery import Task, chain, chord, shared_task
 from celery.exceptions import Ignore
 from django.conf import settings
 from django.core.files.storage import default_storage
@@ -168,6 +168,11 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     tmp = workspace.new_tmp_dir(item_id, stage)
     item.refresh_from_db()
     ctx = StageContext(item, stage, tmp, span)
+    if stage == ENCODE:
+        chunks = _stored_plan(item_id) or bindings.chunk_plan(ctx)
+        if chunks is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            fan_out(task, item, chunks)  # raises: the chord takes this task's place in the chain
     try:
         result = bindings.run(ctx)
         stored = workspace.commit_stage(item_id, stage, tmp, result)
@@ -204,6 +209,134 @@ def _stage_task(stage: str) -> Task:
 
 
 STAGE_TASKS: dict[str, Task] = {stage: _stage_task(stage) for stage in bindings.ALL_STAGES}
+
+
+# --- split-and-stitch: a long video's encode as a chord of chunk tasks ------------------------------
+#
+# The encode task of a video longer than ``video.chunk_seconds`` stores the chunk plan, then
+# replaces itself (Task.replace) with a chord: one task per chunk and one for the audio, on the
+# video queue, each on whatever host takes it, then the join, after which the rest of the chain
+# (mux, chunk, store, finish) goes on. A chunk's result is a stage folder of its own in storage
+# (work/<item>/encode.part00003/…, done.json last), so a chunk already done is never encoded again
+# and a failed one is retried alone. Chunk tasks never write the item's state except progress
+# (lifecycle.progressed, which applies only while Processing): a cancelled item stays cancelled,
+# and its chunks stop at their next cancel check.
+
+ENCODE = "encode"
+
+
+def _stored_plan(item_id: Any) -> Any:
+    """The plan of an earlier fan-out of this item (a redelivery or a resume): the same chunks."""
+    if not workspace.stage_done(item_id, bindings.PLAN_STAGE):
+        return None
+    return workspace.load_result(item_id, bindings.PLAN_STAGE, bindings.chunked.ChunkPlan)
+
+
+def fan_out(task: Task, item: MediaItem, chunks: Any) -> None:
+    item_id = str(item.pk)
+    if not workspace.stage_done(item_id, bindings.PLAN_STAGE):
+        tmp = workspace.new_tmp_dir(item_id, bindings.PLAN_STAGE)
+        try:
+            workspace.commit_stage(item_id, bindings.PLAN_STAGE, tmp, chunks)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        chunks = workspace.load_result(item_id, bindings.PLAN_STAGE, bindings.chunked.ChunkPlan)
+    st = bindings.stage(item.kind, ENCODE)
+    hard, soft = bindings.time_limits(st)
+    opts = {"queue": str(st.queue), "time_limit": hard, "soft_time_limit": soft}
+    header = [encode_part.si(item_id, rng.index).set(**opts) for rng in chunks.ranges]
+    header.append(encode_audio.si(item_id).set(**opts))
+    logger.info(json.dumps({"item": item_id, "stage": ENCODE, "chunks": len(chunks.ranges), "outcome": "fan-out"}))
+    task.replace(chord(header, encode_join.si(item_id).set(**opts)))
+    raise Ignore()  # replace() raises this itself; never fall through to a whole-file encode
+
+
+def run_part(task: Task, item_id: str, stage: str, work: Any) -> dict[str, Any]:
+    """A chunk or the audio of a chunked encode: skip it if storage has it, else do it, write it
+    through to storage, and move the item's progress by the share of chunks now done."""
+    item = MediaItem.objects.filter(pk=item_id).first()
+    if item is None or item.status != MediaStatus.PROCESSING:
+        raise Ignore()  # deleted, cancelled or finished: nothing to do
+    started = time.monotonic()
+    attempt = task.request.retries + 1
+    stored = 0
+    if workspace.stage_done(item_id, stage):
+        outcome = "skipped"
+    else:
+        tmp = workspace.new_tmp_dir(item_id, stage)
+        ctx = StageContext(item, stage, tmp, bindings.progress_span(item.kind, ENCODE))
+        try:
+            result = work(ctx)
+            if ctx.cancelled():
+                raise Ignore()
+            stored = workspace.commit_stage(item_id, stage, tmp, result)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        outcome = "done"
+    seconds = time.monotonic() - started
+    log_stage(item_id, stage, attempt, seconds, outcome, stored_bytes=stored, worker=task.request.hostname or "")
+    _chunks_progress(item)
+    return {"stage": stage, "seconds": round(seconds, 3)}
+
+
+def _chunks_progress(item: MediaItem) -> None:
+    """Progress of the encode as the share of its chunks done, on any host; the time left from
+    the pace since the fan-out, plus the later stages' share of the bar at that pace."""
+    plan = workspace.load_result(item.pk, bindings.PLAN_STAGE, bindings.chunked.ChunkPlan)
+    stages = [bindings.part_stage(rng.index) for rng in plan.ranges] + [bindings.AUDIO_STAGE]
+    done = sum(1 for name in stages if workspace.stage_done(item.pk, name))
+    fraction = done / len(stages)
+    start, end = bindings.progress_span(item.kind, ENCODE)
+    elapsed = max(time.time() - plan.started, 0.0)
+    eta = None
+    if 0 < fraction < 1:
+        left = elapsed / fraction - elapsed
+        eta = round(left + (elapsed / fraction) * (99 - end) / max(end - start, 1.0), 1)
+    lifecycle.progressed(item_id=item.pk, progress=int(start + (end - start) * fraction), eta_seconds=eta)
+
+
+@shared_task(bind=True, base=StageTask, name="media.stage.encode_part", ignore_result=False)
+def encode_part(self: Task, item_id: str, index: int) -> dict[str, Any]:
+    return run_part(self, item_id, bindings.part_stage(index), lambda ctx: bindings.encode_part(ctx, index))
+
+
+@shared_task(bind=True, base=StageTask, name="media.stage.encode_audio", ignore_result=False)
+def encode_audio(self: Task, item_id: str) -> dict[str, Any]:
+    return run_part(self, item_id, bindings.AUDIO_STAGE, bindings.encode_audio)
+
+
+@shared_task(bind=True, base=StageTask, name="media.stage.encode_join")
+def encode_join(self: Task, item_id: str) -> dict[str, Any]:
+    """The chord's body: the chunks and the audio joined by stream copy; the encode stage is done."""
+    item = MediaItem.objects.filter(pk=item_id).first()
+    if item is None or item.status != MediaStatus.PROCESSING or item.stage != ENCODE:
+        raise Ignore()  # cancelled (or already past the encode): a late join resurrects nothing
+    span = bindings.progress_span(item.kind, ENCODE)
+    started = time.monotonic()
+    stored = 0
+    if not workspace.stage_done(item_id, ENCODE):
+        tmp = workspace.new_tmp_dir(item_id, ENCODE)
+        try:
+            result = bindings.join_parts(StageContext(item, ENCODE, tmp, span))
+            stored = workspace.commit_stage(item_id, ENCODE, tmp, result)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    plan = workspace.load_result(item_id, bindings.PLAN_STAGE, bindings.chunked.ChunkPlan)
+    seconds = max(time.time() - plan.started, 0.0)
+    applied = lifecycle.stage_finished(item_id=item_id, stage=ENCODE, progress=int(span[1]), seconds=seconds)
+    log_stage(
+        item_id,
+        "encode.join",
+        self.request.retries + 1,
+        time.monotonic() - started,
+        "done" if applied else "stopped",
+        stored_bytes=stored,
+        encode_seconds=round(seconds, 3),
+        worker=self.request.hostname or "",
+    )
+    if not applied:
+        raise Ignore()
+    return {"stage": ENCODE, "skipped": False, "seconds": seconds}
 
 
 @shared_task(bind=True, name="media.finish", acks_late=True, ignore_result=True, time_limit=60, soft_time_limit=50)

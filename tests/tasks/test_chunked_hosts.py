@@ -1,0 +1,110 @@
+"""Split-and-stitch across two worker hosts (issue 14): a 2-minute clip with ``chunk_seconds``
+set low is encoded as chunk tasks that both hosts take, joined without re-encoding, and the
+output is checked by decoding it: every frame once, in order, key frames on the segment grid,
+sound as long as the picture."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import xml.etree.ElementTree as ET
+from collections import Counter
+from typing import Any
+
+import av
+import pytest
+from django.core.files.storage import default_storage
+from rest_framework.authtoken.models import Token
+
+from media_app.models import FINAL_STATUSES, MediaItem
+from tests.conftest import RUN_DIR, Worker, wait_for
+from tests.media import lavfi_video
+from tests.tasks.test_two_hosts import one_set_of_outputs, submit
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+SECONDS, RATE, SEGMENT = 120, 25, 4.0
+PROFILES = {"video": {"chunk_seconds": 20, "threads": 1}}
+
+
+@pytest.fixture
+def chunking_hosts(_worker_session: Worker) -> Any:
+    """Hosts a and b, each with a WORK_ROOT of its own, one task at a time, 20 s chunks."""
+    _worker_session.stop()
+    hosts = {}
+    for name in ("a", "b"):
+        work = RUN_DIR / f"chunk-host-{name}" / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        env = {"WORK_ROOT": str(work), "MEDIA_PROFILES": json.dumps(PROFILES)}
+        hosts[name] = Worker(RUN_DIR / "logs" / f"chunk-host-{name}.log", env=env, concurrency=1)
+        hosts[name].start()
+    yield hosts
+    for host in hosts.values():
+        host.stop()
+
+
+def done_lines(hosts: dict[str, Worker], item_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """(host, stage log line) for each stage or chunk of the item that a host finished."""
+    found = []
+    for name, host in hosts.items():
+        for line in host.log.read_text(errors="replace").splitlines():
+            start = line.find('{"item"')
+            if start >= 0 and "tasks.stages" in line:
+                entry = json.loads(line[start:])
+                if entry["item"] == item_id and entry.get("outcome") == "done":
+                    found.append((name, entry))
+    return found
+
+
+def test_a_long_video_is_encoded_in_chunks_on_both_hosts_and_joined_seamlessly(
+    chunking_hosts, asgi_server, make_user, tmp_path
+):
+    auth = {"Authorization": f"Token {Token.objects.get_or_create(user=make_user())[0].key}"}
+    src = lavfi_video(tmp_path / "long.mp4", seconds=SECONDS, size="320x180", rate=RATE)
+    item_id = submit(asgi_server, auth, src, "video/mp4")
+
+    item = wait_for(
+        lambda: MediaItem.objects.filter(pk=item_id, status__in=FINAL_STATUSES).first(),
+        timeout=300,
+        what="the chunked item to finish",
+    )
+    assert item.status == "Completed", (item.error_code, item.error_message, item.error_detail[-800:])
+    one_set_of_outputs(item)
+
+    # Six chunks of 20 s (five GOPs of 4 s each) and the audio, each once, on both hosts.
+    lines = done_lines(chunking_hosts, item_id)
+    parts = Counter(entry["stage"] for _, entry in lines if entry["stage"].startswith("encode.part"))
+    assert sorted(parts) == [f"encode.part{i:05d}" for i in range(6)] and set(parts.values()) == {1}
+    assert sum(1 for _, entry in lines if entry["stage"] == "encode.audio") == 1
+    hosts = {host for host, entry in lines if entry["stage"].startswith("encode.part")}
+    assert hosts == {"a", "b"}, f"chunks ran only on {hosts}"
+
+    video = item.renditions.get(role="video")
+    frames = RATE * SECONDS  # what the whole-file encode gives (tests/pipelines/test_chunked.py)
+    vpk, apk = [], []  # (seconds, key frame, duration in seconds), read while the file is open
+    with default_storage.open(video.storage_key, "rb") as fh, av.open(fh) as container:
+        for p in container.demux(container.streams.video[0], container.streams.audio[0]):
+            if p.pts is not None:
+                entry = (float(p.pts * p.time_base), p.is_keyframe, float((p.duration or 0) * p.time_base))
+                (vpk if p.stream.type == "video" else apk).append(entry)
+    pts = [t for t, _, _ in vpk]
+    assert len(vpk) == frames
+    assert all(b > a for a, b in itertools.pairwise(pts)), "timestamps not strictly increasing"
+    # Frame n at n / R: none missing or doubled at a join (WebM keeps milliseconds).
+    assert max(abs(t - n / RATE) for n, t in enumerate(pts)) <= 0.001
+    video_end = pts[-1] + 1 / RATE
+    audio_end = apk[-1][0] + apk[-1][2]
+    assert abs(video_end - SECONDS) <= 1 / RATE and abs(audio_end - video_end) <= 1 / RATE, (video_end, audio_end)
+    gop = round(RATE * SEGMENT)
+    assert [n for n, (_, key, _) in enumerate(vpk) if key] == list(range(0, frames, gop))
+
+    # DASH: one video segment per 4 s, each starting on one of those key frames.
+    manifest = item.renditions.get(role="manifest")
+    with default_storage.open(manifest.storage_key, "rb") as fh:
+        mpd = ET.parse(fh).getroot()
+    ns = {"d": "urn:mpeg:dash:schema:mpd:2011"}
+    video_set = next(a for a in mpd.iterfind(".//d:AdaptationSet", ns) if a.get("contentType") == "video")
+    timeline = [(int(s.get("d")), int(s.get("r", 0)) + 1) for s in video_set.iterfind(".//d:S", ns)]
+    scale = int(video_set.find(".//d:SegmentTemplate", ns).get("timescale"))
+    assert sum(n for _, n in timeline) == SECONDS / SEGMENT
+    assert all(d == SEGMENT * scale for d, _ in timeline)
