@@ -9,6 +9,7 @@ import itertools
 import json
 import xml.etree.ElementTree as ET
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import av
@@ -108,3 +109,59 @@ def test_a_long_video_is_encoded_in_chunks_on_both_hosts_and_joined_seamlessly(
     scale = int(video_set.find(".//d:SegmentTemplate", ns).get("timescale"))
     assert sum(n for _, n in timeline) == SECONDS / SEGMENT
     assert all(d == SEGMENT * scale for d, _ in timeline)
+
+
+def ffmpegs(host: Worker) -> list[int]:
+    """ffmpeg processes under the host's pool processes."""
+    found = []
+    for pool in host.pool_pids():
+        try:
+            children = Path(f"/proc/{pool}/task/{pool}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
+            try:
+                if "ffmpeg" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(child))
+            except FileNotFoundError:
+                continue
+    return found
+
+
+def test_a_cancel_stops_the_chunks_on_both_hosts_and_nothing_brings_the_item_back(
+    chunking_hosts, asgi_server, make_user, tmp_path
+):
+    from config.celery import app
+    from media_app.ops import media_cancel
+
+    auth = {"Authorization": f"Token {Token.objects.get_or_create(user=make_user())[0].key}"}
+    src = lavfi_video(tmp_path / "long.mp4", seconds=SECONDS, size="640x360", rate=RATE)
+    item_id = submit(asgi_server, auth, src, "video/mp4")
+
+    def both_encoding() -> bool:
+        item = MediaItem.objects.get(pk=item_id)
+        assert item.status in ("Pending", "Processing"), (item.status, item.error_message)
+        return item.stage == "encode" and all(ffmpegs(h) for h in chunking_hosts.values())
+
+    wait_for(both_encoding, timeout=120, what="chunks encoding on both hosts")
+    media_cancel(item_id=item_id)
+    # The running chunks see the cancel at their next check (once a second) and kill their ffmpeg.
+    wait_for(lambda: not any(ffmpegs(h) for h in chunking_hosts.values()), timeout=5, what="the chunks' ffmpeg to end")
+
+    def idle() -> bool:
+        if any(ffmpegs(h) for h in chunking_hosts.values()):
+            return False
+        with app.connection_for_read() as conn, conn.default_channel.conn_or_acquire() as client:
+            if client.llen("video"):
+                return False  # chunk tasks still queued: each must come and go
+        active = app.control.inspect(timeout=1).active() or {}
+        return not any(active.values())
+
+    wait_for(idle, timeout=30, what="every chunk task to stop on both hosts", interval=0.5)
+    item = MediaItem.objects.get(pk=item_id)
+    assert (item.status, item.error_code) == ("Failed", "cancelled")
+    lines = done_lines(chunking_hosts, item_id)
+    assert not [entry for _, entry in lines if entry["stage"] in ("encode.join", "mux", "store")]
+    assert sum(1 for _, entry in lines if entry["stage"].startswith("encode.part")) < 6  # stopped, not finished
+    assert not default_storage.exists(f"work/{item_id}/encode/done.json")
+    assert not item.renditions.filter(role="video").exists()
