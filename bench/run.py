@@ -37,11 +37,12 @@ class Plan:
     throughput_images: int
     ws_counts: tuple[int, ...]
     ws_items: int
+    ws_spread: tuple[int, int] | None  # (web processes, subscribers over them)
     tus_mb: int
 
 
-QUICK = Plan((720,), 1, 10, 3, 3, 1, (720,), 5, 40, (1, 100), 3, 200)
-FULL = Plan((720, 1080), 3, 3, 5, 11, 5, (720, 1080), 11, 200, (1, 100, 250, 500, 1000), 5, 1024)
+QUICK = Plan((720,), 1, 10, 3, 3, 1, (720,), 5, 40, (1, 1000), 3, None, 200)
+FULL = Plan((720, 1080), 3, 3, 5, 11, 5, (720, 1080), 11, 200, (1, 100, 250, 500, 1000), 5, (4, 10_000), 1024)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             attempt(
                 "websocket",
-                lambda: live.websocket_section(report, server, counts=list(plan.ws_counts), items=plan.ws_items),
+                lambda: live.websocket_section(
+                    report, server, counts=list(plan.ws_counts), items=plan.ws_items, spread=plan.ws_spread
+                ),
                 profile=True,
                 pid=server.proc.pid,  # type: ignore[union-attr]
             )

@@ -215,10 +215,13 @@ CELERY_VISIBILITY_TIMEOUT = env.int("CELERY_VISIBILITY_TIMEOUT", default=CELERY_
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 
 CHANNEL_REDIS_URL = env.str("CHANNEL_REDIS_URL", default=REDIS_URL)
+# Pub/sub: one Redis subscription per group per web process and fan-out in process, each event
+# published once and decoded once per process (media_app/channel_layers.py; issue 17: 1,000
+# sockets per web process). No backlog: a socket's first message is always the saved state.
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [CHANNEL_REDIS_URL], "capacity": 1000, "expiry": 30},
+        "BACKEND": "media_app.channel_layers.FanOutChannelLayer",
+        "CONFIG": {"hosts": [CHANNEL_REDIS_URL]},
     }
 }
 

@@ -213,6 +213,17 @@ class _StatusConsumer(LayerTolerantConsumer, AsyncJsonWebsocketConsumer):
             return
         for payload in await self.snapshot(user):
             await self.forward(payload)
+        # From now on status events skip the receive loop (media_app/channel_layers.py); until now
+        # they queued behind the snapshot, so the order a client sees is unchanged.
+        deliver_directly = getattr(self.channel_layer, "deliver_directly", None)
+        if deliver_directly is not None:
+            deliver_directly(self.channel_name, {"media.status"}, self._deliver)
+
+    async def _deliver(self, event: dict[str, Any]) -> None:
+        try:
+            await self.media_status(event)
+        except Exception as exc:  # noqa: BLE001 - the client is gone; its consumer ends on its own
+            logger.debug("websocket %s: event not delivered (%s)", self._path(), exc)
 
     async def subscribe(self, user: Any) -> bool:
         raise NotImplementedError
@@ -221,17 +232,34 @@ class _StatusConsumer(LayerTolerantConsumer, AsyncJsonWebsocketConsumer):
         raise NotImplementedError
 
     async def disconnect(self, code: int) -> None:
+        stop = getattr(self.channel_layer, "stop_delivering_directly", None)
+        if stop is not None:
+            stop(self.channel_name)
         await self.leave_groups()
         raise StopConsumer()
 
-    async def media_status(self, event: dict[str, Any]) -> None:
-        await self.forward(event["item"])
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels runs close_old_connections() in a worker thread before every message it
+        # dispatches, for handlers that use the ORM. Forwarding an event uses none, and that thread
+        # hop per socket per event was most of the web process's time at 1,000 sockets (issue 17).
+        if message.get("type") == "media.status":
+            await self.media_status(message)
+            return
+        await super().dispatch(message)
 
-    async def forward(self, item: dict[str, Any]) -> None:
+    async def media_status(self, event: dict[str, Any]) -> None:
+        # The event is shared by every socket of this process (read-only); its "text" is the
+        # message already serialised by the broadcast, once for all of them.
+        await self.forward(event["item"], event.get("text"))
+
+    async def forward(self, item: dict[str, Any], text: str | None = None) -> None:
         if item["seq"] <= self.last_seq.get(item["id"], -1):
             return
         self.last_seq[item["id"]] = item["seq"]
-        await self.send_json({"type": "media.status", "seq": item["seq"], "item": item})
+        if text is None:
+            await self.send_json({"type": "media.status", "seq": item["seq"], "item": item})
+        else:
+            await self.send(text_data=text)
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         # Read-only socket: a ping gets a pong so clients can check liveness, nothing else.

@@ -1,0 +1,158 @@
+"""The channel layer behind live status: one Redis subscription per group per web process.
+
+channels-redis' default layer stores group members in Redis, so one ``group_send`` costs one
+Redis message per subscriber, each decoded again by the web process that holds the socket: from
+~250 subscribers a web process spent its CPU re-reading the same event (issue 17). Its pub/sub
+layer publishes once per group; each web process subscribes once to the groups its sockets
+watch and fans out in process. Two things are added here:
+
+* The event is decoded once per web process and the same dict handed to every local member
+  (the stock pub/sub layer queues the raw bytes and decodes them again in every consumer).
+  Consumers treat events as read-only.
+* ``group_send_many``: a synchronous publish for the Celery worker, on one long-lived
+  connection, each message serialised once. ``async_to_sync`` from a worker starts an event loop
+  and a new Redis connection per call, which the pub/sub layer would open and close every time.
+
+Pub/sub keeps no backlog: a web process that is disconnected from Redis misses what is published
+meanwhile (redis-py subscribes again on reconnect). A socket's first message is the item's saved
+state, and a reconnecting client gets it again, so nothing a person sees stays stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import redis
+from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
+from channels_redis.utils import _consistent_hash, _wrap_close, decode_hosts
+
+
+class _FanOutShard(RedisSingleShardConnection):  # type: ignore[misc]
+    def _receive_message(self, message: dict[str, Any] | None) -> None:
+        if message is None:
+            return
+        name = message["channel"]
+        if isinstance(name, bytes):
+            name = name.decode()
+        layer = self.channel_layer
+        members = [c for c in ([name] if name in layer.channels else layer.groups.get(name, ())) if c in layer.channels]
+        if not members:
+            return
+        decoded = layer.channel_layer.deserialize(message["data"])  # once, for every member
+        kind = decoded.get("type") if isinstance(decoded, dict) else None
+        for channel in members:
+            direct = layer.direct.get(channel)
+            if direct is not None and kind in direct[0]:
+                layer.spawn(direct[1](decoded))
+            else:
+                layer.channels[channel].put_nowait(decoded)
+
+
+class _FanOutLoopLayer(RedisPubSubLoopLayer):  # type: ignore[misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._shards = [_FanOutShard(shard.host, self) for shard in self._shards]
+        # channel -> (event types, handler): see deliver_directly.
+        self.direct: dict[str, tuple[frozenset[str], Callable[[dict[str, Any]], Awaitable[None]]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def deliver_directly(
+        self, channel: str, types: Iterable[str], handler: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> None:
+        """Hand events of ``types`` for ``channel`` straight to ``handler``, each in a task of its own,
+        instead of queueing them for the consumer's receive loop. That loop costs a receive task,
+        an ``asyncio.wait`` and Channels' dispatch (with a thread hop for the ORM) per message:
+        at 1,000 sockets, most of the web process's time (issue 17). ``handler`` must not raise."""
+        self.direct[channel] = (frozenset(types), handler)
+
+    def stop_delivering_directly(self, channel: str) -> None:
+        self.direct.pop(channel, None)
+
+    def spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._tasks.discard)
+
+    async def receive(self, channel: str) -> Any:
+        try:
+            return await super().receive(channel)
+        except (TimeoutError, asyncio.CancelledError, GeneratorExit):
+            self.direct.pop(channel, None)  # the consumer has ended
+            raise
+
+
+class FanOutChannelLayer(RedisPubSubChannelLayer):  # type: ignore[misc]
+    """``RedisPubSubChannelLayer`` that decodes an event once per process, with a sync publish."""
+
+    def __init__(self, *args: Any, hosts: Any = None, prefix: str | None = None, **kwargs: Any) -> None:
+        # Pub/sub channels ignore Redis' database number: the default prefix carries it, so that
+        # two sites (or test runs) on one Redis with different databases never hear each other.
+        prefix = prefix if prefix is not None else f"asgi.db{_database(decode_hosts(hosts)[0])}."
+        super().__init__(*args, hosts=hosts, prefix=prefix, **kwargs)
+        self._hosts = decode_hosts(hosts)
+        self._prefix = prefix
+        self._clients: list[redis.Redis] | None = None
+        self._clients_lock = threading.Lock()
+
+    def _get_layer(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if loop not in self._layers:
+            self._layers[loop] = _FanOutLoopLayer(*self._args, **self._kwargs, channel_layer=self)
+            _wrap_close(self, loop)  # as the parent does: flush the loop's layer when its loop closes
+        return self._layers[loop]
+
+    def deserialize(self, message: Any) -> Any:
+        # Already decoded by _FanOutShard (the same dict for every member of a group).
+        return message if isinstance(message, dict) else super().deserialize(message)
+
+    def group_channel(self, group: str) -> str:
+        return f"{self._prefix}__group__{group}"
+
+    def _sync_clients(self) -> list[redis.Redis]:
+        with self._clients_lock:
+            if self._clients is None:
+                self._clients = [_sync_client(host) for host in self._hosts]
+            return self._clients
+
+    def group_send_many(self, sends: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Publish each (group, message), in order, from synchronous code; a message object sent to
+        several groups is serialised once. redis-py's pool is fork-safe (a Celery pool process
+        opens its own connection)."""
+        clients = self._sync_clients()
+        pipelines = [client.pipeline(transaction=False) for client in clients]
+        encoded: dict[int, bytes] = {}
+        for group, message in sends:
+            data = encoded.get(id(message))
+            if data is None:
+                data = encoded[id(message)] = self.serialize(message)
+            channel = self.group_channel(group)
+            pipelines[_consistent_hash(channel, len(pipelines))].publish(channel, data)
+        for pipeline in pipelines:
+            if len(pipeline):
+                pipeline.execute()
+
+
+def _database(host: dict[str, Any]) -> int:
+    address = host.get("address")
+    if isinstance(address, str):
+        path = urlsplit(address).path.strip("/")
+        return int(path) if path.isdigit() else int(parse_qs(urlsplit(address).query).get("db", ["0"])[0])
+    return int(host.get("db", 0))
+
+
+def _sync_client(host: dict[str, Any]) -> redis.Redis:
+    options = dict(host)
+    address = options.pop("address", None)
+    options.pop("master_name", None)
+    options.pop("sentinel_kwargs", None)
+    options.setdefault("socket_timeout", 5)
+    options.setdefault("socket_connect_timeout", 5)
+    if address is None:
+        return redis.Redis(**options)
+    if isinstance(address, tuple | list):
+        return redis.Redis(host=address[0], port=address[1], **options)
+    return redis.Redis.from_url(address, **options)

@@ -1,0 +1,99 @@
+"""Live status at scale (issue 17): a web process subscribes once per group and fans out in process.
+
+Real sockets against the live server, events from the real broadcast (``lifecycle.broadcast``,
+as a worker sends them) through the real Redis. With channels-redis' default layer every event
+was one Redis message per socket; now Redis sees one subscriber per group per web process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import redis
+import websockets
+from channels.layers import get_channel_layer
+from django.conf import settings
+from rest_framework.authtoken.models import Token
+
+from media_app import lifecycle
+from media_app.channel_layers import FanOutChannelLayer
+from media_app.models import MediaItem
+from media_app.services import media_item_create, owner_group
+
+pytestmark = pytest.mark.django_db(transaction=True)
+SOCKETS = 200
+EVENTS = 10
+
+
+async def _open(url: str, headers: dict[str, str], count: int) -> list[Any]:
+    async def one() -> Any:
+        ws = await websockets.connect(url, additional_headers=headers, open_timeout=30, max_queue=None)
+        json.loads(await asyncio.wait_for(ws.recv(), 30))  # the snapshot: the consumer has joined
+        return ws
+
+    sockets: list[Any] = []
+    for start in range(0, count, 50):
+        sockets += await asyncio.gather(*(one() for _ in range(min(50, count - start))))
+    return sockets
+
+
+async def _seqs(ws: Any, n: int) -> list[int]:
+    return [json.loads(await asyncio.wait_for(ws.recv(), 30))["seq"] for _ in range(n)]
+
+
+def _broadcast(item: MediaItem, seq: int) -> None:
+    item.event_seq = seq
+    lifecycle.broadcast(item)
+
+
+def test_every_socket_gets_every_event_in_order_through_one_subscription(asgi_server, make_user):
+    user = make_user()
+    item = media_item_create(owner=user, original_name="photo.jpg", size=1000)
+    headers = {"Authorization": f"Token {Token.objects.create(user=user).key}"}
+    layer = get_channel_layer()
+    assert isinstance(layer, FanOutChannelLayer)
+    group = layer.group_channel(owner_group(user.pk))
+    client = redis.Redis.from_url(settings.CHANNEL_REDIS_URL)
+    first = item.event_seq + 1
+
+    async def scenario() -> list[list[int]]:
+        sockets = await _open(f"{asgi_server.ws_url}/ws/media/", headers, SOCKETS)
+        try:
+            # One subscriber for the whole web process, not one per socket.
+            assert client.pubsub_numsub(group) == [(group.encode(), 1)]
+            for seq in range(first, first + EVENTS):
+                await asyncio.to_thread(_broadcast, item, seq)
+            return await asyncio.gather(*(_seqs(ws, EVENTS) for ws in sockets))
+        finally:
+            await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+
+    received = asyncio.run(scenario())
+
+    assert received == [list(range(first, first + EVENTS))] * SOCKETS
+
+
+def test_a_site_on_another_redis_database_is_not_heard(asgi_server, make_user):
+    # Pub/sub ignores Redis' database number; the layer's prefix carries it.
+    user = make_user()
+    item = media_item_create(owner=user, original_name="photo.jpg", size=1000)
+    headers = {"Authorization": f"Token {Token.objects.create(user=user).key}"}
+    ours = settings.CHANNEL_REDIS_URL
+    base, _, db = ours.rpartition("/")
+    other = FanOutChannelLayer(hosts=[f"{base}/{(int(db or 0) + 1) % 16}"])
+    first = item.event_seq + 1
+
+    async def scenario() -> int:
+        (ws,) = await _open(f"{asgi_server.ws_url}/ws/media/", headers, 1)
+        try:
+            stranger = {"type": "media.status", "item": {"id": str(item.pk), "seq": first + 100}}
+            await asyncio.to_thread(other.group_send_many, [(owner_group(user.pk), stranger)])
+            # Published after the stranger's message returned: had that one been heard, it came first.
+            await asyncio.to_thread(_broadcast, item, first)
+            return int(json.loads(await asyncio.wait_for(ws.recv(), 30))["seq"])
+        finally:
+            await ws.close()
+
+    assert asyncio.run(scenario()) == first
