@@ -1,7 +1,7 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from media_app.api import tus, views
+from media_app.api import tus, views, whip
 
 app_name = "api"
 
@@ -14,6 +14,9 @@ urlpatterns = [
     path("files/<str:token>", views.file_download, name="file"),
     path("tus/", tus.TusCreateApi.as_view(), name="tus"),
     path("tus/<str:item_id>", tus.TusUploadApi.as_view(), name="tus-upload"),
+    # WebRTC ingest (RFC 9725): POST an SDP offer; DELETE the session's URL to end it.
+    path("whip/", whip.WhipApi.as_view(), name="whip"),
+    path("whip/<str:item_id>", whip.WhipSessionApi.as_view(), name="whip-session"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     # Swagger UI over the schema, from our own static files (drf-spectacular-sidecar), no CDN.
     path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),

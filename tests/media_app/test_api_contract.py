@@ -391,6 +391,10 @@ def test_schemathesis_finds_the_server_true_to_its_schema(fuzz_server, make_user
             str(SEED),
             "--phases",
             "examples,coverage,fuzzing,stateful",
+            # WHIP's body is an SDP offer from a WebRTC stack: no fuzzer makes one (any other text
+            # is a 400). tests/media_app/test_whip.py drives it with a real peer instead.
+            "--exclude-tag",
+            "whip",
             "--auth-wfc",
             str(auth),
             "--workers",
@@ -418,4 +422,6 @@ def test_schemathesis_finds_the_server_true_to_its_schema(fuzz_server, make_user
 
 
 def _operation_count() -> int:
-    return sum(len(item) for item in schema()["paths"].values())
+    """Every operation but WHIP's, which the run leaves out (`--exclude-tag whip`)."""
+    operations = [op for item in schema()["paths"].values() for op in item.values()]
+    return sum("whip" not in op.get("tags", []) for op in operations)

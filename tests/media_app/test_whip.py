@@ -1,0 +1,303 @@
+"""WHIP ingest against the live ASGI server, with a real WebRTC publisher (aiortc) over loopback
+and the real Celery worker: what a person publishing from OBS or the page would check.
+
+The clip has two white flashes, each with a loud beep at the same instant; after the whole
+chain (record, complete, encode), the flashes and beeps of the output must still coincide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import av
+import pytest
+import requests
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.contrib.media import MediaPlayer
+from django.core.files.storage import default_storage
+from rest_framework.authtoken.models import Token
+
+from media_app.models import MediaItem
+from media_app.whip import h264_nal_types, vp8_keyframe_size
+from tests.conftest import AsgiServer, wait_for
+from tests.env_plugin import RUN_DIR
+from tests.media import make_media
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+FLASHES = (2.0, 5.0)  # seconds into the clip: a white frame and a beep, together, for 0.2 s
+FPS = 25
+
+
+def token_for(user: Any) -> str:
+    return Token.objects.get_or_create(user=user)[0].key
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """testsrc2 + a quiet sine, with full-white frames and a loud 1 kHz beep at FLASHES."""
+    path = tmp_path_factory.mktemp("whip") / "flashes.mkv"
+    on = "+".join(f"between(t,{t},{t + 0.2})" for t in FLASHES)
+    return make_media(
+        path,
+        [
+            "-f", "lavfi", "-i", f"testsrc2=size=320x240:rate={FPS}:duration=12,"
+            f"drawbox=color=white:thickness=fill:enable='{on}'",
+            "-f", "lavfi", "-i", f"aevalsrc='0.05*sin(2*PI*440*t)+0.8*({on})*sin(2*PI*1000*t)':s=48000:d=12",
+            "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-pix_fmt", "yuv420p",
+            "-c:a", "pcm_s16le",
+        ],
+    )  # fmt: skip
+
+
+class Publisher:
+    """An aiortc peer that publishes a file over WHIP, as OBS or a browser would."""
+
+    def __init__(self, base: str, token: str, clip: Path | None, *, video_codec: str = "VP8") -> None:
+        self.base, self.token, self.clip, self.video_codec = base, token, clip, video_codec
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.location = ""
+        self.connected = asyncio.Event()
+        self.setup_seconds = 0.0
+
+    async def offer(self) -> str:
+        player = MediaPlayer(str(self.clip)) if self.clip else None
+        for kind in ("audio", "video"):
+            track = getattr(player, kind) if player else None
+            transceiver = self.pc.addTransceiver(track or kind, direction="sendonly")
+            if kind == "video":
+                codecs = RTCRtpSender.getCapabilities("video").codecs
+                transceiver.setCodecPreferences([c for c in codecs if c.mimeType == f"video/{self.video_codec}"])
+
+        @self.pc.on("connectionstatechange")
+        def changed() -> None:
+            if self.pc.connectionState == "connected":
+                self.connected.set()
+
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def offer_only(self) -> str:
+        """An offer this peer will never follow up: enough to open (and refuse) sessions."""
+        sdp = await self.offer()
+        await self.pc.close()
+        return sdp
+
+    async def start(self) -> requests.Response:
+        started = time.monotonic()
+        response = await asyncio.to_thread(self.post, await self.offer())
+        assert response.status_code == 201, response.text
+        self.location = response.headers["Location"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=response.text, type="answer"))
+        await asyncio.wait_for(self.connected.wait(), 15)
+        self.setup_seconds = time.monotonic() - started
+        return response
+
+    def post(self, sdp: str, **headers: str) -> requests.Response:
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/sdp", **headers}
+        return requests.post(f"{self.base}/api/whip/", data=sdp.encode(), headers=headers, timeout=30)
+
+    def delete(self, token: str | None = None) -> requests.Response:
+        auth = {"Authorization": f"Bearer {token or self.token}"}
+        return requests.delete(f"{self.base}{self.location}", headers=auth, timeout=60)
+
+    @property
+    def item_id(self) -> str:
+        return self.location.rsplit("/", 1)[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def completed(item_id: str, timeout: float = 90) -> MediaItem:
+    def done() -> MediaItem | None:
+        item = MediaItem.objects.get(pk=item_id)
+        assert item.status != "Failed", (item.error_code, item.error_message, item.error_detail[-2000:])
+        return item if item.status == "Completed" else None
+
+    return wait_for(done, timeout=timeout, what=f"item {item_id} Completed")
+
+
+def decoded(key: str) -> dict[str, Any]:
+    """A stored file decoded: each stream's end, and the times of the flashes and beeps."""
+    found: dict[str, Any] = {"flashes": [], "beeps": [], "codecs": set()}
+    with default_storage.open(key, "rb") as fh, av.open(fh) as container:
+        v_end = a_end = 0.0
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=48000)
+        envelope: list[tuple[float, int]] = []  # every 0.25 ms
+        for frame in container.decode(*container.streams):
+            t = float(frame.pts * frame.time_base)
+            if isinstance(frame, av.VideoFrame):
+                tiny = frame.reformat(width=16, height=12, format="gray")
+                luma = sum(bytes(tiny.planes[0])[: 16 * 12]) / (16 * 12)
+                if luma > 200 and (not found["flashes"] or t - found["flashes"][-1] > 1):
+                    found["flashes"].append(t)
+                v_end = max(v_end, t + 1 / FPS)
+            else:
+                for mono in resampler.resample(frame):
+                    values = memoryview(bytes(mono.planes[0])[: mono.samples * 2]).cast("h")
+                    envelope += [(t + i / 48000, abs(values[i])) for i in range(0, len(values), 12)]
+                a_end = max(a_end, t + frame.samples / frame.sample_rate)
+        found["codecs"] = {s.codec_context.name for s in container.streams}
+    # The beeps are 24 dB over the tone; the loudness normalisation moves both alike.
+    loud = max(v for _, v in envelope) / 2
+    for t, v in envelope:
+        if v > loud and (not found["beeps"] or t - found["beeps"][-1] > 1):
+            found["beeps"].append(t)
+    found["video_seconds"], found["audio_seconds"] = v_end, a_end
+    return found
+
+
+def source_tracks(item: MediaItem) -> dict[str, str]:
+    with default_storage.open(item.source_key, "rb") as fh, av.open(fh) as container:
+        return {s.type: s.codec_context.name for s in container.streams}
+
+
+# --- the recording, end to end ----------------------------------------------------------------
+
+
+def test_a_published_clip_becomes_an_item_with_its_audio_and_video_in_sync(asgi_server, celery_worker, make_user, clip):
+    user = make_user()
+    publisher = Publisher(asgi_server.url, token_for(user), clip)
+    pid = asgi_server.proc.pid
+
+    async def session() -> tuple[requests.Response, requests.Response, float]:
+        answer = await publisher.start()
+        cpu = cpu_seconds(pid)
+        await asyncio.sleep(8)  # the publisher streams for 8 s
+        cpu = (cpu_seconds(pid) - cpu) / 8
+        ended = await asyncio.to_thread(publisher.delete)
+        await publisher.pc.close()
+        return answer, ended, cpu
+
+    answer, ended, cpu = asyncio.run(session())
+    assert answer.headers["Content-Type"] == "application/sdp"
+    assert answer.headers["Location"] == f"/api/whip/{publisher.item_id}"
+    assert "a=recvonly" in answer.text and "b=AS:" in answer.text
+    assert ended.status_code == 200
+    item = MediaItem.objects.get(pk=publisher.item_id)
+    assert item.owner == user and item.upload_finished_at is not None  # stored and queued on DELETE
+    assert source_tracks(item) == {"video": "vp8", "audio": "opus"}  # as sent: nothing re-encoded
+    print(f"whip: setup {publisher.setup_seconds:.2f} s, web process CPU while recording {cpu:.0%} of a core")
+
+    recorded = decoded(item.source_key)
+    print(f"whip: recording: flashes at {recorded['flashes']}, beeps at {recorded['beeps']}")
+    item = completed(publisher.item_id)
+    out = decoded(item.renditions.get(role="video").storage_key)
+    assert abs(out["video_seconds"] - 8) < 0.5 and abs(out["audio_seconds"] - 8) < 0.5, out
+    assert abs(out["video_seconds"] - out["audio_seconds"]) < 1 / FPS + 0.03, out
+    # Each flash seen and heard at once (within a frame), however far the recording started in.
+    assert len(out["flashes"]) == len(out["beeps"]) >= 1, out
+    print(f"whip: flashes at {out['flashes']}, beeps at {out['beeps']}")
+    for flash, beep in zip(out["flashes"], out["beeps"], strict=True):
+        assert abs(flash - beep) <= 1 / FPS, out
+    history = list(item.events.values_list("message", flat=True))
+    assert "Recording ended: the publisher ended it" in history and "Upload finished" in history
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def test_refusals_speak_the_apis_error_shape(asgi_server, make_user):
+    owner, stranger = make_user(), make_user()
+    publisher = Publisher(asgi_server.url, token_for(owner), None)
+    sdp = asyncio.run(publisher.offer_only())
+    url = f"{asgi_server.url}/api/whip/"
+
+    anonymous = requests.post(url, data=sdp, headers={"Content-Type": "application/sdp"})
+    assert anonymous.status_code == 401 and anonymous.headers["WWW-Authenticate"] == "Bearer"
+    assert anonymous.json()["error"]["code"] == "not_authenticated"
+    wrong_type = publisher.post(sdp, **{"Content-Type": "application/json"})
+    assert wrong_type.status_code == 415 and wrong_type.json()["error"]["code"] == "unsupported_media_type"
+    garbage = publisher.post("hello, not SDP")
+    assert garbage.status_code == 400 and garbage.json()["error"]["code"] == "invalid"
+    vp9 = publisher.post(sdp.replace("VP8/90000", "VP9/90000").replace("H264/90000", "VP9/90000"))
+    assert vp9.status_code == 400 and vp9.json()["error"]["code"] == "unsupported_codec", vp9.text
+    assert not MediaItem.objects.exists()  # nothing was made for any of them
+
+    first = publisher.post(sdp, Accept="application/sdp")
+    assert first.status_code == 201 and first.headers["Content-Type"] == "application/sdp"
+    publisher.location = first.headers["Location"]
+    # A stranger's token neither ends the session nor learns that it exists.
+    refused = publisher.delete(token_for(stranger))
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+    second = publisher.post(sdp)
+    assert second.status_code == 201
+    third = publisher.post(sdp)
+    assert third.status_code == 429 and third.json()["error"]["code"] == "too_many_sessions", third.text
+
+    # The owner ends them; nothing was recorded, so nothing is left.
+    assert publisher.delete().status_code == 200
+    assert publisher.delete().status_code == 404
+    publisher.location = second.headers["Location"]
+    assert publisher.delete().status_code == 200
+    assert not MediaItem.objects.exists()
+
+
+# --- limits -----------------------------------------------------------------------------------
+
+
+class LimitedServer(AsgiServer):
+    """A second web process whose sessions may last 3 s (its own environment)."""
+
+    env = {"WHIP_MAX_SESSION_SECONDS": "3"}
+
+    def start(self) -> None:
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            super().start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture
+def limited_server(_asgi_session, transactional_db):
+    server = LimitedServer(RUN_DIR / "logs" / "asgi-whip-limited.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_session_over_its_length_is_cut_and_what_it_recorded_is_kept(limited_server, celery_worker, make_user, clip):
+    publisher = Publisher(limited_server.url, token_for(make_user()), clip, video_codec="H264")
+
+    async def session() -> None:
+        await publisher.start()
+        # Publish on, past the limit: the server ends the session by itself.
+        item_id = publisher.item_id
+
+        def ended() -> bool:
+            return MediaItem.objects.filter(pk=item_id, upload_finished_at__isnull=False).exists()
+
+        await asyncio.to_thread(wait_for, ended, timeout=15, what="the session cut at its limit")
+        await publisher.pc.close()
+
+    asyncio.run(session())
+    item = MediaItem.objects.get(pk=publisher.item_id)
+    assert source_tracks(item) == {"video": "h264", "audio": "opus"}
+    assert "Recording ended: it reached the 3 s limit of a recording" in item.events.values_list("message", flat=True)
+    out = decoded(completed(publisher.item_id).renditions.get(role="video").storage_key)
+    assert abs(out["video_seconds"] - 3) < 0.5 and abs(out["audio_seconds"] - 3) < 0.5, out
+    assert publisher.delete().status_code == 404  # it is over
+
+
+# --- the pieces -------------------------------------------------------------------------------
+
+
+def test_key_frames_are_told_from_the_bytes():
+    vp8_key = bytes([0x50, 0x42, 0x00, 0x9D, 0x01, 0x2A, 0x40, 0x01, 0xF0, 0x00])
+    assert vp8_keyframe_size(vp8_key) == (320, 240)
+    assert vp8_keyframe_size(bytes([0x51]) + vp8_key[1:]) is None  # an inter frame
+    idr = b"\x00\x00\x00\x01\x67\x42" + b"\x00\x00\x00\x01\x68\xce" + b"\x00\x00\x01\x65\x88"
+    assert h264_nal_types(idr) == {7, 8, 5}
