@@ -1,5 +1,5 @@
 """The lifecycle's guards under real concurrency: threads with their own database connections,
-released together by a barrier, hundreds of rounds on PostgreSQL (a few dozen on SQLite, which
+released together by a barrier, a hundred rounds on PostgreSQL (a few dozen on SQLite, which
 serialises every writer anyway). Each round checks what a user would: a cancelled item never
 runs on, never ends Completed, and its running task is the one killed; one retry queues once;
 two deliveries of a stage leave one result and one set of outputs."""
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 
 
 def rounds() -> int:
-    return 200 if connection.vendor == "postgresql" else 25
+    return 100 if connection.vendor == "postgresql" else 25
 
 
 def race(*calls: Callable[[], Any]) -> list[Any]:
@@ -290,5 +290,6 @@ def test_a_cancel_at_any_moment_on_the_real_worker_stops_the_item_and_its_ffmpeg
         wait_for(worker_done_with, timeout=30, what="the worker to let go of the cancelled item")
         item.refresh_from_db()
         assert (item.status, item.error_code) == ("Failed", "cancelled"), f"cancel after {delay} s"
-        assert not item.renditions.exists()
+        # Nothing of the encode's: at most the thumbnail, which is stored before the encode starts.
+        assert not item.renditions.exclude(role="thumbnail").exists()
     assert len(seen_stages) >= 3, f"the cancels all landed at the same point: {seen_stages}"

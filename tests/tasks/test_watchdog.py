@@ -111,7 +111,7 @@ def test_lost_work_is_queued_again_once_and_waiting_work_is_left_alone(
 ):
     lost_pending = _item(make_user, "Pending", quiet_for=120)
     lost_processing = _item(make_user, "Processing", quiet_for=120)
-    for stage in ("demux", "decode", "normalize", "filter"):
+    for stage in ("demux", "previews", "decode", "normalize", "filter"):
         workspace.stage_dir(lost_processing.pk, stage).mkdir(parents=True)
         (workspace.stage_dir(lost_processing.pk, stage) / workspace.RESULT_FILE).write_text("{}")
     waiting = _item(make_user, "Pending", quiet_for=3000)
@@ -198,7 +198,7 @@ def test_a_worker_killed_whole_mid_encode_is_picked_up_by_the_watchdog_and_compl
     assert item.status == "Completed", item.error_message
     attempts = StatusEvent.objects.filter(item=item, stage="encode", status="Processing", message__contains="started")
     assert list(attempts.values_list("attempt", flat=True)) == [1, 2]
-    for stage in ("demux", "decode", "normalize", "filter"):  # resumed at the encode: done once
+    for stage in ("demux", "previews", "decode", "normalize", "filter"):  # resumed at the encode: done once
         assert StatusEvent.objects.filter(item=item, message__startswith=f"{stage} started").count() == 1
     outputs = list(item.renditions.order_by("pk").values_list("pk", "role", "storage_key"))
     assert [r for _, r, _ in outputs].count("video") == 1
