@@ -78,6 +78,9 @@ HOLD_MS = 1000
 BITRATE_WINDOW_SECONDS = 5
 BITRATE_MARGIN = 1.25
 MONITOR_SECONDS = 0.5
+# How often a process reads the stop flags (a DELETE that reached another process) and whether
+# its sessions' items still exist: one Redis MGET and one query for all its sessions.
+REMOTE_CHECK_SECONDS = 0.5
 # A peer that has not connected (ICE + DTLS) this long after its offer never will.
 CONNECT_TIMEOUT_SECONDS = 30.0
 SDP_MAX_BYTES = 64 * 1024
@@ -671,7 +674,7 @@ class Manager:
             elif rec.bitrate() > settings.WHIP_MAX_BITRATE * BITRATE_MARGIN:
                 rate = f"{rec.bitrate() / 1e6:.1f} Mb/s"
                 self.end_soon(session, f"it sent {rate}, over the {settings.WHIP_MAX_BITRATE / 1e6:g} Mb/s limit")
-        if self.sessions and now - self._last_remote_check >= 1.0:
+        if self.sessions and now - self._last_remote_check >= REMOTE_CHECK_SECONDS:
             self._last_remote_check = now
             ids = [i for i, s in self.sessions.items() if not s.reason]
             stop, gone = await asyncio.get_running_loop().run_in_executor(None, _remote_checks, ids)

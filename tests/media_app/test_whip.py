@@ -22,7 +22,7 @@ from django.core.files.storage import default_storage
 from rest_framework.authtoken.models import Token
 
 from media_app.models import MediaItem
-from media_app.whip import h264_nal_types, vp8_keyframe_size
+from media_app.whip import REMOTE_CHECK_SECONDS, h264_nal_types, vp8_keyframe_size
 from tests.conftest import AsgiServer, wait_for
 from tests.env_plugin import RUN_DIR
 from tests.media import make_media
@@ -63,9 +63,10 @@ class Publisher:
         self.location = ""
         self.connected = asyncio.Event()
         self.setup_seconds = 0.0
+        self.player: MediaPlayer | None = None
 
     async def offer(self) -> str:
-        player = MediaPlayer(str(self.clip)) if self.clip else None
+        player = self.player = MediaPlayer(str(self.clip)) if self.clip else None
         for kind in ("audio", "video"):
             track = getattr(player, kind) if player else None
             transceiver = self.pc.addTransceiver(track or kind, direction="sendonly")
@@ -81,10 +82,16 @@ class Publisher:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         return self.pc.localDescription.sdp
 
+    async def close(self) -> None:
+        if self.player is not None:  # its decoding thread stops with its tracks
+            for track in (self.player.audio, self.player.video):
+                track.stop()
+        await self.pc.close()
+
     async def offer_only(self) -> str:
         """An offer this peer will never follow up: enough to open (and refuse) sessions."""
         sdp = await self.offer()
-        await self.pc.close()
+        await self.close()
         return sdp
 
     async def start(self) -> requests.Response:
@@ -173,7 +180,7 @@ def test_a_published_clip_becomes_an_item_with_its_audio_and_video_in_sync(asgi_
         await asyncio.sleep(8)  # the publisher streams for 8 s
         cpu = (cpu_seconds(pid) - cpu) / 8
         ended = await asyncio.to_thread(publisher.delete)
-        await publisher.pc.close()
+        await publisher.close()
         return answer, ended, cpu
 
     answer, ended, cpu = asyncio.run(session())
@@ -184,7 +191,10 @@ def test_a_published_clip_becomes_an_item_with_its_audio_and_video_in_sync(asgi_
     item = MediaItem.objects.get(pk=publisher.item_id)
     assert item.owner == user and item.upload_finished_at is not None  # stored and queued on DELETE
     assert source_tracks(item) == {"video": "vp8", "audio": "opus"}  # as sent: nothing re-encoded
-    print(f"whip: setup {publisher.setup_seconds:.2f} s, web process CPU while recording {cpu:.0%} of a core")
+    print(
+        f"whip: answer in {answer.headers['Server-Timing']}, connected {publisher.setup_seconds:.2f} s after the "
+        f"offer was made; web process CPU while recording {cpu:.0%} of a core"
+    )
 
     recorded = decoded(item.source_key)
     print(f"whip: recording: flashes at {recorded['flashes']}, beeps at {recorded['beeps']}")
@@ -244,9 +254,10 @@ def test_refusals_speak_the_apis_error_shape(asgi_server, make_user):
 
 
 class LimitedServer(AsgiServer):
-    """A second web process whose sessions may last 3 s (its own environment)."""
+    """A second web process, with its own environment: sessions of at most 3 s, ended after 1 s
+    without media."""
 
-    env = {"WHIP_MAX_SESSION_SECONDS": "3"}
+    env = {"WHIP_MAX_SESSION_SECONDS": "3", "WHIP_SILENCE_TIMEOUT_SECONDS": "1"}
 
     def start(self) -> None:
         saved = {k: os.environ.get(k) for k in self.env}
@@ -269,27 +280,63 @@ def limited_server(_asgi_session, transactional_db):
     server.stop()
 
 
-def test_a_session_over_its_length_is_cut_and_what_it_recorded_is_kept(limited_server, celery_worker, make_user, clip):
-    publisher = Publisher(limited_server.url, token_for(make_user()), clip, video_codec="H264")
+def test_every_way_a_session_ends_keeps_what_it_recorded(limited_server, asgi_server, celery_worker, make_user, clip):
+    """Four publishers at once on the limited server: one publishes past the length limit (H.264),
+    one stops sending, one drops its connection, one is stopped by a DELETE that reaches the
+    *other* web process. Each item holds what was sent, and completes."""
+    over, silent, dropped, deleted = (
+        Publisher(limited_server.url, token_for(make_user()), clip, video_codec=codec)
+        for codec in ("H264", "VP8", "VP8", "VP8")
+    )
 
-    async def session() -> None:
+    def finished(item_id: str) -> bool:
+        return MediaItem.objects.filter(pk=item_id, upload_finished_at__isnull=False).exists()
+
+    async def until_finished(publisher: Publisher) -> None:
+        await asyncio.to_thread(wait_for, lambda: finished(publisher.item_id), timeout=15, what="the session's end")
+
+    async def run(publisher: Publisher) -> None:
         await publisher.start()
-        # Publish on, past the limit: the server ends the session by itself.
-        item_id = publisher.item_id
+        if publisher is over:
+            await until_finished(publisher)  # publishing on, past the limit
+        else:
+            await asyncio.sleep(1.5)
+            if publisher is silent:
+                for sender in publisher.pc.getSenders():
+                    sender.replaceTrack(None)  # connected, but no more media
+                await until_finished(publisher)
+            elif publisher is dropped:
+                await publisher.close()  # gone without a word
+                await until_finished(publisher)
+            else:
+                url, auth = f"{asgi_server.url}{publisher.location}", {"Authorization": f"Token {publisher.token}"}
+                other = await asyncio.to_thread(requests.delete, url, headers=auth, timeout=30)
+                assert other.status_code == 200, other.text
+                assert await asyncio.to_thread(finished, publisher.item_id)  # ended before the answer
+        await publisher.close()
 
-        def ended() -> bool:
-            return MediaItem.objects.filter(pk=item_id, upload_finished_at__isnull=False).exists()
+    async def all_of_them() -> None:
+        await asyncio.gather(*(run(p) for p in (over, silent, dropped, deleted)))
 
-        await asyncio.to_thread(wait_for, ended, timeout=15, what="the session cut at its limit")
-        await publisher.pc.close()
-
-    asyncio.run(session())
-    item = MediaItem.objects.get(pk=publisher.item_id)
-    assert source_tracks(item) == {"video": "h264", "audio": "opus"}
-    assert "Recording ended: it reached the 3 s limit of a recording" in item.events.values_list("message", flat=True)
-    out = decoded(completed(publisher.item_id).renditions.get(role="video").storage_key)
-    assert abs(out["video_seconds"] - 3) < 0.5 and abs(out["audio_seconds"] - 3) < 0.5, out
-    assert publisher.delete().status_code == 404  # it is over
+    asyncio.run(all_of_them())
+    # Why each ended, and the seconds it holds: the limit exactly; about the 1.5 s the others
+    # published (their media starts a moment after the connection, later on a busy machine).
+    expected = {
+        over: ("it reached the 3 s limit of a recording", (2.8, 3.2)),
+        silent: ("no media arrived for 1 s", (1.0, 1.8)),
+        dropped: ("the connection closed", (1.0, 1.8)),
+        # The other process sees the stop flag within REMOTE_CHECK_SECONDS.
+        deleted: ("the publisher ended it", (1.0, 1.8 + REMOTE_CHECK_SECONDS)),
+    }
+    for publisher, (reason, _) in expected.items():
+        item = MediaItem.objects.get(pk=publisher.item_id)
+        assert f"Recording ended: {reason}" in item.events.values_list("message", flat=True), reason
+        assert source_tracks(item)["video"] == publisher.video_codec.lower()
+    for publisher, (reason, (low, high)) in expected.items():
+        out = decoded(completed(publisher.item_id).renditions.get(role="video").storage_key)
+        assert low <= out["video_seconds"] <= high and low <= out["audio_seconds"] <= high, (reason, out)
+        assert abs(out["video_seconds"] - out["audio_seconds"]) < 1 / FPS + 0.03, (reason, out)
+    assert over.delete().status_code == 404  # it is over
 
 
 # --- the pieces -------------------------------------------------------------------------------
