@@ -30,7 +30,9 @@ import os
 import time
 import unicodedata
 import uuid
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from functools import cache
@@ -65,6 +67,9 @@ CHUNK_BYTES = 1 << 20
 MIN_PART_BYTES = 5 * 1024**2
 PART_BYTES = 8 * 1024**2
 MAX_PARTS = 10_000
+# Parts of one PATCH in flight at once while the next is read (2 gave 1.4x on moto; real S3,
+# latency-bound, gains more); each holds its bytes in memory until S3 has them.
+PARTS_IN_FLIGHT = 2
 # Enough for every magic number and the MP4 brand list sniff_bytes looks at.
 SNIFF_BYTES = 4096
 NAME_LIMIT = 255
@@ -286,7 +291,8 @@ def _append_local(item: MediaItem, chunks: Iterator[bytes]) -> int:
 
 def _append_s3(s3: Any, item: MediaItem, chunks: Iterator[bytes]) -> int:
     """Add a PATCH's bytes to the item's S3 multipart upload: the old tail first, then whole
-    parts while at least a minimum part is left over; the last byte's PATCH sends everything."""
+    parts while at least a minimum part is left over; the last byte's PATCH sends everything.
+    Parts upload while the next ones are read, a few at a time (S3 is latency-bound)."""
     current = item.upload_received
     state = dict(item.upload_parts)
     parts: list[dict[str, Any]] = list(state.get("parts", []))
@@ -296,30 +302,44 @@ def _append_s3(s3: Any, item: MediaItem, chunks: Iterator[bytes]) -> int:
     floor, cut = _part_sizes(item.size)
     sniffed = current >= SNIFF_BYTES
     received = 0
-    for chunk in chunks:
-        buf += chunk
-        received += len(chunk)
-        if not sniffed and (len(buf) >= SNIFF_BYTES or current + received == item.size):
-            # Parts are >= 5 MiB, so below SNIFF_BYTES the buffer starts at byte 0: refuse a
-            # wrong type before any of it is stored.
-            _sniff_or_refuse(item, bytes(buf[:SNIFF_BYTES]))
-            sniffed = True
-        while len(buf) >= cut + floor:
-            parts.append(_s3_part(s3, item, state, len(parts) + 1, bytes(memoryview(buf)[:cut])))
-            del buf[:cut]
-    new_offset = current + received
-    last = new_offset == item.size
-    tail = ""
-    if last and not parts:
-        # The whole file fits one request: a plain PUT, no multipart upload.
-        _s3_put(s3, item.source_key, bytes(buf))
-    elif last or len(buf) >= floor:
-        parts.append(_s3_part(s3, item, state, len(parts) + 1, bytes(buf)))
-    elif buf:
-        # Named by its start, so a PATCH that dies after writing a longer tail or a part never
-        # changes the bytes that the recorded offset points at.
-        tail = f"{item.source_key}.tail-{new_offset - len(buf)}"
-        _s3_put(s3, tail, bytes(buf))
+    sending: deque[Future[dict[str, Any]]] = deque()
+    # django-storages makes a boto3 session per thread (slow); its client is thread-safe: share it.
+    client = _s3_client(s3)
+
+    def send(pool: ThreadPoolExecutor, data: bytes) -> None:
+        if "id" not in state:
+            state["id"] = _s3_start(s3, item.source_key)
+        while len(sending) >= PARTS_IN_FLIGHT:  # at most this many parts held in memory
+            parts.append(sending.popleft().result())
+        number = len(parts) + len(sending) + 1
+        sending.append(pool.submit(_s3_part, client, s3, item.source_key, state["id"], number, data))
+
+    with ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="s3-part") as pool:
+        for chunk in chunks:
+            buf += chunk
+            received += len(chunk)
+            if not sniffed and (len(buf) >= SNIFF_BYTES or current + received == item.size):
+                # Parts are >= 5 MiB, so below SNIFF_BYTES the buffer starts at byte 0: refuse a
+                # wrong type before any of it is stored.
+                _sniff_or_refuse(item, bytes(buf[:SNIFF_BYTES]))
+                sniffed = True
+            while len(buf) >= cut + floor:
+                send(pool, bytes(memoryview(buf)[:cut]))
+                del buf[:cut]
+        new_offset = current + received
+        last = new_offset == item.size
+        tail = ""
+        if last and "id" not in state:
+            # The whole file fits one request: a plain PUT, no multipart upload.
+            _s3_put(s3, item.source_key, bytes(buf))
+        elif last or len(buf) >= floor:
+            send(pool, bytes(buf))
+        elif buf:
+            # Named by its start, so a PATCH that dies after writing a longer tail or a part
+            # never changes the bytes that the recorded offset points at.
+            tail = f"{item.source_key}.tail-{new_offset - len(buf)}"
+            _s3_put(s3, tail, bytes(buf))
+        parts += [future.result() for future in sending]
     new_state: dict[str, Any] = {"id": state["id"], "parts": parts} if "id" in state else {}
     if tail:
         new_state["tail"] = tail
@@ -534,15 +554,19 @@ def _s3_client(s3: Any) -> Any:
     return s3.connection.meta.client
 
 
-def _s3_part(s3: Any, item: MediaItem, state: dict[str, Any], number: int, data: bytes) -> dict[str, Any]:
-    """Upload one part, starting the item's multipart upload on its first part."""
-    client, name = _s3_client(s3), s3_object_name(s3, item.source_key)
-    if "id" not in state:
-        created = client.create_multipart_upload(
-            Bucket=s3.bucket_name, Key=name, ContentType="application/octet-stream"
-        )
-        state["id"] = created["UploadId"]
-    answer = client.upload_part(Bucket=s3.bucket_name, Key=name, UploadId=state["id"], PartNumber=number, Body=data)
+def _s3_start(s3: Any, key: str) -> str:
+    """A new multipart upload for ``key``; its id."""
+    created = _s3_client(s3).create_multipart_upload(
+        Bucket=s3.bucket_name, Key=s3_object_name(s3, key), ContentType="application/octet-stream"
+    )
+    return str(created["UploadId"])
+
+
+def _s3_part(client: Any, s3: Any, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+    """Upload one part (from a PATCH's part pool: ``client`` is the request thread's)."""
+    answer = client.upload_part(
+        Bucket=s3.bucket_name, Key=s3_object_name(s3, key), UploadId=upload_id, PartNumber=number, Body=data
+    )
     return {"PartNumber": number, "ETag": answer["ETag"], "Size": len(data)}
 
 
