@@ -1,7 +1,8 @@
 """WHIP (RFC 9725): publish a live camera or an encoder (OBS 30+) into a new upload.
 
 ``POST /api/whip/`` with an SDP offer (``Content-Type: application/sdp``) and the API token as
-``Authorization: Bearer <token>`` (``Token <token>`` works too) answers 201 with the SDP answer
+``Authorization: Bearer <token>`` (``Token <token>`` works too; the upload page sends its session
+and CSRF token, as for every other call it makes) answers 201 with the SDP answer
 and the session's URL, ``/api/whip/<item id>``; ``DELETE`` on it ends the session, whose
 recording is then processed like any upload (``media_app.whip``). The errors are the API's
 JSON shape. No trickle ICE: a PATCH is 405, as the RFC allows (the offer carries its candidates).
@@ -18,7 +19,8 @@ from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
-from rest_framework.authentication import TokenAuthentication
+from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.parsers import BaseParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -31,6 +33,21 @@ from media_app.uploads import UploadRefused
 from media_app.whip import SDP_MAX_BYTES, WhipRefused, whip_session_start, whip_session_stop
 
 SDP = "application/sdp"
+
+
+class SdpParser(BaseParser):
+    """The offer as text, at most SDP_MAX_BYTES (a session's CSRF check reads the body too)."""
+
+    media_type = SDP
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> str:
+        data = stream.read(SDP_MAX_BYTES + 1) if stream is not None else b""
+        if len(data) > SDP_MAX_BYTES:
+            raise UploadRefused("too_large", f"An SDP offer is at most {SDP_MAX_BYTES // 1024} KB.")
+        try:
+            return str(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UploadRefused("invalid", "The SDP offer is not UTF-8 text.") from None
 
 
 class BearerTokenAuthentication(TokenAuthentication):
@@ -54,8 +71,10 @@ def _ice_links() -> list[str]:
 
 
 class _WhipView(APIView):
-    authentication_classes = [BearerTokenAuthentication, TokenAuthentication]
-    parser_classes: list[Any] = []  # the body is SDP, read as text
+    # Bearer first: an anonymous call answers 401 with `WWW-Authenticate: Bearer`. The page's
+    # session counts too (with its CSRF token), so the page never holds the long-lived API token.
+    authentication_classes = [BearerTokenAuthentication, TokenAuthentication, SessionAuthentication]
+    parser_classes = [SdpParser]
 
     def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
         # A WHIP client may send `Accept: application/sdp`: the answer is SDP, an error JSON.
@@ -82,6 +101,7 @@ class WhipApi(_WhipView):
             (201, SDP): OpenApiResponse(OpenApiTypes.STR, description="The SDP answer."),
             **error_responses(
                 401,
+                403,
                 413,
                 _400="`invalid`: not an SDP offer, or one that publishes nothing; `unsupported_codec`: "
                 "no Opus, VP8 or H.264 in it.",
@@ -95,10 +115,7 @@ class WhipApi(_WhipView):
             raise UploadRefused("unsupported_media_type", f"Send the SDP offer as {SDP}.")
         if (content_length(request._request) or 0) > SDP_MAX_BYTES:
             raise UploadRefused("too_large", f"An SDP offer is at most {SDP_MAX_BYTES // 1024} KB.")
-        try:
-            offer = request._request.body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UploadRefused("invalid", "The SDP offer is not UTF-8 text.") from None
+        offer = request.data if isinstance(request.data, str) else ""
         started = time.monotonic()
         try:
             answer = whip_session_start(owner=request.user, offer=offer)
@@ -123,7 +140,7 @@ class WhipSessionApi(_WhipView):
         parameters=[OpenApiParameter("item_id", OpenApiTypes.UUID, OpenApiParameter.PATH)],
         responses={
             200: OpenApiResponse(description="Ended; the item is processing."),
-            **error_responses(401, _404="`not_found`: no such session (ended, or another user's)."),
+            **error_responses(401, 403, _404="`not_found`: no such session (ended, or another user's)."),
         },
     )
     def delete(self, request: Request, item_id: str) -> Response:

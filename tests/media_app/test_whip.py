@@ -19,6 +19,7 @@ import requests
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
 from django.core.files.storage import default_storage
+from django.test import Client as DjangoClient
 from rest_framework.authtoken.models import Token
 
 from media_app.models import MediaItem
@@ -248,6 +249,22 @@ def test_refusals_speak_the_apis_error_shape(asgi_server, make_user):
     publisher.location = second.headers["Location"]
     assert publisher.delete().status_code == 200
     assert not MediaItem.objects.exists()
+
+    # The upload page's way in: its session, with the CSRF token (and without it, refused).
+    browser = requests.Session()
+    django_client = DjangoClient()
+    django_client.force_login(owner)
+    browser.cookies.set("sessionid", django_client.cookies["sessionid"].value)
+    browser.get(f"{asgi_server.url}/")  # sets the CSRF cookie, as the page does
+    page = {"Content-Type": "application/sdp"}
+    forged = browser.post(url, data=sdp, headers=page)
+    assert forged.status_code == 403 and forged.json()["error"]["code"] == "permission_denied", forged.text
+    made = browser.post(url, data=sdp, headers={**page, "X-CSRFToken": browser.cookies["csrftoken"]})
+    assert made.status_code == 201, made.text
+    ended = browser.delete(
+        f"{asgi_server.url}{made.headers['Location']}", headers={"X-CSRFToken": browser.cookies["csrftoken"]}
+    )
+    assert ended.status_code == 200
 
 
 # --- limits -----------------------------------------------------------------------------------
