@@ -97,3 +97,30 @@ def test_a_site_on_another_redis_database_is_not_heard(asgi_server, make_user):
             await ws.close()
 
     assert asyncio.run(scenario()) == first
+
+
+def test_a_send_that_waits_holds_up_no_other_socket():
+    # uvicorn's send waits on an Event while a client's buffer is full (a client not reading).
+    # Events are handed to sockets in one pass; only a send that waits becomes a task of its own.
+    layer = FanOutChannelLayer(hosts=[settings.CHANNEL_REDIS_URL])
+    log: list[str] = []
+
+    async def scenario() -> None:
+        loop_layer = layer._get_layer()
+        writable = asyncio.Event()
+
+        async def send(name: str, wait: bool = False) -> None:
+            if wait:
+                await writable.wait()
+            log.append(name)
+
+        loop_layer.run_eagerly(send("stuck client", wait=True))
+        loop_layer.run_eagerly(send("a"))
+        loop_layer.run_eagerly(send("b"))
+        assert log == ["a", "b"]  # sent at once, in order, not behind the stuck one
+        writable.set()
+        await asyncio.wait_for(asyncio.gather(*loop_layer._tasks), 5)
+
+    asyncio.run(scenario())
+
+    assert log == ["a", "b", "stuck client"]
