@@ -22,6 +22,7 @@ from django.core.files.storage import default_storage
 from django.test import Client as DjangoClient
 from rest_framework.authtoken.models import Token
 
+from media_app import whip
 from media_app.models import MediaItem
 from media_app.whip import REMOTE_CHECK_SECONDS, h264_nal_types, vp8_keyframe_size
 from tests.conftest import AsgiServer, wait_for
@@ -365,3 +366,23 @@ def test_key_frames_are_told_from_the_bytes():
     assert vp8_keyframe_size(bytes([0x51]) + vp8_key[1:]) is None  # an inter frame
     idr = b"\x00\x00\x00\x01\x67\x42" + b"\x00\x00\x00\x01\x68\xce" + b"\x00\x00\x01\x65\x88"
     assert h264_nal_types(idr) == {7, 8, 5}
+
+
+def test_the_bitrate_is_measured_over_the_last_window(tmp_path, monkeypatch):
+    """What the bitrate limit compares: bits received over the last BITRATE_WINDOW_SECONDS
+    (nothing before a whole window has passed, so a first key frame is not a breach)."""
+    now = [1000.0]
+    monkeypatch.setattr(whip.time, "monotonic", lambda: now[0])
+    recording = whip.Recording(tmp_path / "r.mkv")
+    track = whip._Track(kind="audio", receiver=object())
+    track.mapper.map(0)
+    recording.tracks.append(track)
+    rates = []
+    for n in range(50 * 12):  # 12 s of 20 ms packets: 1 kB each for 6 s (400 kb/s), then 3 kB
+        now[0] = 1000.0 + n * 0.02
+        recording.on_frame(track, "opus", 48000, bytes(1000 if n < 300 else 3000), n * 960)
+        rates.append(recording.bitrate())
+    assert rates[200] == 0  # 4 s in: no whole window yet
+    assert rates[299] == pytest.approx(400_000, rel=0.25)
+    assert rates[-1] == pytest.approx(1_200_000, rel=0.25)
+    assert recording.close() and recording.seconds() == pytest.approx(12, abs=0.1)
