@@ -402,7 +402,8 @@ def upload_store(*, item: MediaItem, stream: IO[bytes], content_length: int | No
             _forget_tus(item)  # a tus attempt this PUT replaces
         finally:
             tmp.unlink(missing_ok=True)
-        MediaItem.objects.filter(pk=item.pk).update(updated_at=timezone.now())
+        # Every byte is in: a tus HEAD now says so (and finishes the upload if nobody completes it).
+        MediaItem.objects.filter(pk=item.pk).update(upload_received=item.size, updated_at=timezone.now())
     logger.info("upload stored item=%s bytes=%d", item.pk, item.size)
     item.refresh_from_db()
     return item

@@ -16,7 +16,7 @@ from rest_framework.test import APIClient
 from media_app import uploads
 from media_app.models import MediaItem, MediaStatus
 from media_app.uploads import upload_lock_name, uploads_expire
-from tests.media_app.test_api_support import HTML_AS_MP4, create, error_of
+from tests.media_app.test_api_support import HTML_AS_MP4, create, error_of, put
 
 pytest_plugins = ["tests.media_app.test_api_support"]
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("local_storage")]
@@ -128,6 +128,20 @@ def test_an_item_created_by_the_json_api_takes_tus_chunks(api, clip, sent, djang
     with django_capture_on_commit_callbacks(execute=True):
         assert _patch(client, url, 0, data).status_code == 204
     assert len(sent.tasks) == 1
+
+
+def test_a_whole_file_put_replaces_a_tus_upload_in_progress(api, clip, sent, django_capture_on_commit_callbacks):
+    client, _ = api()
+    data = clip.read_bytes()
+    upload = create(client, size=len(data)).json()["upload"]
+    assert _patch(client, upload["tus_url"], 0, data[:1000]).status_code == 204
+    assert put(client, upload["url"], data).status_code == 200
+    with django_capture_on_commit_callbacks(execute=True):
+        head = client.head(upload["tus_url"], **TUS)  # the PUT brought every byte: HEAD finishes it
+    assert head["Upload-Offset"] == str(len(data))
+    item = MediaItem.objects.get(pk=upload["tus_url"].rsplit("/", 1)[1])
+    assert default_storage.open(item.source_key).read() == data
+    assert len(sent.for_item(item.pk)) == 1
 
 
 def test_patch_rules_content_type_offset_header_and_length(api, clip):
