@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.harness import CACHE, REAL, RESULTS, Report, Row, TreeSampler, fmt, load, machine, section, setup_django
 
-SECTIONS = ("video", "audio", "images", "thumbnails", "throughput", "websocket", "tus")
+SECTIONS = ("video", "audio", "images", "thumbnails", "throughput", "websocket", "chunked", "tus")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = setup_django()
 
     from bench import av, images, live, stack, throughput
+    from bench.chunked import chunked_section
     from bench.profile import WorkerProfile, summarize
     from tests.conftest import AsgiServer, Worker
 
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         # The upload completes into a queued item: stop the worker first so it does not process
         # the padded file while later figures are taken.
         worker.stop()
+        # Its own pinned workers (one core each), with the suite's worker stopped.
+        attempt("chunked", lambda: chunked_section(report, owner, run_dir))
         attempt("tus", lambda: live.tus_section(report, server, size_mb=plan.tus_mb))
     finally:
         worker.stop()

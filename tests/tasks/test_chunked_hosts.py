@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -28,9 +30,10 @@ SECONDS, RATE, SEGMENT = 120, 25, 4.0
 PROFILES = {"video": {"chunk_seconds": 20, "threads": 1}}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def chunking_hosts(_worker_session: Worker) -> Any:
-    """Hosts a and b, each with a WORK_ROOT of its own, one task at a time, 20 s chunks."""
+    """Hosts a and b, each with a WORK_ROOT of its own, one task at a time, 20 s chunks (started
+    once for the module: a test that kills one starts it again)."""
     _worker_session.stop()
     hosts = {}
     for name in ("a", "b"):
@@ -165,3 +168,44 @@ def test_a_cancel_stops_the_chunks_on_both_hosts_and_nothing_brings_the_item_bac
     assert sum(1 for _, entry in lines if entry["stage"].startswith("encode.part")) < 6  # stopped, not finished
     assert not default_storage.exists(f"work/{item_id}/encode/done.json")
     assert not item.renditions.filter(role="video").exists()
+
+
+def test_a_host_killed_in_the_middle_of_a_chunk_loses_nothing(
+    chunking_hosts, asgi_server, make_user, tmp_path, settings
+):
+    """SIGKILL one host's whole process group while both encode chunks: the other host finishes
+    the item (the watchdog hands the lost chunk back; done chunks are not encoded again)."""
+    from tasks.maintenance import watchdog_run
+
+    settings.WATCHDOG_LOST_SECONDS = 2
+    settings.WATCHDOG_STALL_SECONDS = 600
+    auth = {"Authorization": f"Token {Token.objects.get_or_create(user=make_user())[0].key}"}
+    src = lavfi_video(tmp_path / "minute.mp4", seconds=60, size="640x360", rate=RATE)  # 3 chunks
+    item_id = submit(asgi_server, auth, src, "video/mp4")
+
+    def both_encoding() -> bool:
+        item = MediaItem.objects.get(pk=item_id)
+        assert item.status in ("Pending", "Processing"), (item.status, item.error_message)
+        return item.stage == "encode" and all(ffmpegs(h) for h in chunking_hosts.values())
+
+    wait_for(both_encoding, timeout=120, what="chunks encoding on both hosts")
+    victim = chunking_hosts["a"]
+    os.killpg(victim.proc.pid, signal.SIGKILL)  # the whole host: worker, pool and ffmpeg
+    victim.proc.wait(10)
+    try:
+
+        def recovered() -> MediaItem | None:
+            watchdog_run(settle=0.5)  # as beat runs it, once a minute in production
+            item = MediaItem.objects.get(pk=item_id)
+            return item if item.is_final else None
+
+        item = wait_for(recovered, timeout=300, what="host b to finish the item", interval=2)
+    finally:
+        victim.start()
+    assert item.status == "Completed", (item.error_code, item.error_message)
+    one_set_of_outputs(item)
+    lines = done_lines(chunking_hosts, item_id)
+    parts = Counter(entry["stage"] for _, entry in lines if entry["stage"].startswith("encode.part"))
+    assert sorted(parts) == [f"encode.part{i:05d}" for i in range(3)] and set(parts.values()) == {1}
+    with default_storage.open(item.renditions.get(role="video").storage_key, "rb") as fh, av.open(fh) as container:
+        assert sum(1 for p in container.demux(container.streams.video[0]) if p.pts is not None) == RATE * 60
