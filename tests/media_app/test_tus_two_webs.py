@@ -226,3 +226,38 @@ def _upload_of(s3_storage: Any, item_id: str) -> dict[str, str]:
     uploads_open = s3_storage.client.list_multipart_uploads(Bucket=s3_storage.name)["Uploads"]
     (upload,) = [u for u in uploads_open if u["Key"] == f"uploads/{item_id}/source"]
     return {"Bucket": s3_storage.name, "Key": upload["Key"], "UploadId": upload["UploadId"]}
+
+
+@pytest.mark.django_db
+def test_delete_and_expiry_abort_the_multipart_upload_and_drop_the_tail(api, s3_storage, video, settings):
+    """An upload stopped midway holds a multipart upload (its parts are billed storage that no
+    listing shows) and a tail object: DELETE and the expiry job remove both."""
+    client, _ = api()
+    data = video.read_bytes()[: 7 * MB]
+    urls = []
+    for _ in range(2):
+        url = client.post("/api/tus/", HTTP_UPLOAD_LENGTH=str(SIZE), HTTP_TUS_RESUMABLE="1.0.0")["Location"]
+        for offset, end in ((0, 6 * MB), (6 * MB, 7 * MB)):  # a 6 MiB part, then a 1 MiB tail
+            answer = client.generic(
+                "PATCH",
+                url,
+                data[offset:end],
+                content_type="application/offset+octet-stream",
+                HTTP_UPLOAD_OFFSET=str(offset),
+                HTTP_TUS_RESUMABLE="1.0.0",
+            )
+            assert answer.status_code == 204
+        urls.append(url)
+    deleted, idle = (url.rsplit("/", 1)[1] for url in urls)
+    for item_id in (deleted, idle):
+        assert s3_storage.keys(f"uploads/{item_id}/") == [f"uploads/{item_id}/source.tail-{6 * MB}"]
+        assert _upload_of(s3_storage, item_id)
+
+    assert client.delete(urls[0], HTTP_TUS_RESUMABLE="1.0.0").status_code == 204
+    assert s3_storage.keys(f"uploads/{deleted}/") == []
+    still = s3_storage.client.list_multipart_uploads(Bucket=s3_storage.name)["Uploads"]
+    assert [upload["Key"] for upload in still] == [f"uploads/{idle}/source"]
+    MediaItem.objects.filter(pk=idle).update(updated_at=MediaItem.objects.get(pk=idle).updated_at.replace(year=2000))
+    assert uploads.uploads_expire() == 1
+    assert s3_storage.keys("uploads/") == []
+    assert s3_storage.client.list_multipart_uploads(Bucket=s3_storage.name).get("Uploads", []) == []
