@@ -56,6 +56,11 @@ from media_app.services import media_item_store_source
 from media_app.uploads import UploadRefused, upload_complete, upload_create, upload_delete
 
 logger = logging.getLogger("media_app.whip")
+# aioice logs every candidate pair's every state at INFO (a dozen lines per session): the web
+# log keeps its warnings only, unless LOGGING gives these loggers a level of their own.
+for _name in ("aioice", "aiortc"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
 
 T = TypeVar("T")
 
