@@ -704,6 +704,9 @@ def _write_avif(
     options: dict[str, object] = {
         "quality": profile.avif_quality,
         "speed": profile.avif_speed,
+        # The WebP encoder runs beside this one on the other thread: libaom's own second thread
+        # only added CPU (100 ms against 84 for a 12 MP photo, same bytes) on a busy machine.
+        "max_threads": 1,
         "exif": b"",
         "xmp": b"",
         "icc_profile": b"",
