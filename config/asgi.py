@@ -21,6 +21,7 @@ from media_app.consumers import SessionForOwnPages  # noqa: E402
 from media_app.graphql.schema import schema  # noqa: E402
 from media_app.graphql.views import MediaGraphQLWSConsumer  # noqa: E402
 from media_app.routing import websocket_urlpatterns  # noqa: E402
+from media_app.whip import lifespan as whip_lifespan  # noqa: E402
 
 # GraphQL subscriptions (graphql-transport-ws) share the origin check and the authentication.
 websocket_routes = [path("graphql/", MediaGraphQLWSConsumer.as_asgi(schema=schema)), *websocket_urlpatterns]
@@ -29,5 +30,7 @@ application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": SessionForOwnPages(URLRouter(websocket_routes)),
+        # At shutdown, live WHIP sessions end and their recordings are stored (media_app.whip).
+        "lifespan": whip_lifespan,
     }
 )

@@ -145,15 +145,46 @@ def _get_loop() -> _Loop:
         return _the_loop
 
 
+def whip_sessions_stop_all(reason: str = "the web server stopped") -> None:
+    """End every session of this process and store what each recorded (blocking)."""
+    if _the_loop is not None and _manager.sessions:
+        _the_loop.call(_manager.stop_all(reason), timeout=120)
+
+
+async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """ASGI lifespan (config/asgi.py): when the server shuts down (SIGTERM on a deploy), every
+    session here ends and its recording is stored and queued before the process exits. uvicorn
+    re-raises SIGTERM once it has shut down, so an ``atexit`` hook would never run under it."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            try:
+                await asyncio.to_thread(whip_sessions_stop_all)
+            except Exception:
+                logger.exception("whip sessions not all finished at shutdown")
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 def _stop_all_at_exit() -> None:
-    """The server is stopping (SIGTERM to uvicorn): end every session here, so what they
-    recorded is stored and processed rather than left on this host's disk."""
+    """A server without ASGI lifespan (runserver, a WSGI server) is exiting: end every session
+    here, so what they recorded is stored and processed rather than left on this host's disk.
+    The connections close on the loop; the storing runs here, in the main thread, because
+    thread pools take no new work once the interpreter is shutting down."""
     if _the_loop is None or not _manager.sessions:
         return
+    _manager.exiting = True
     try:
-        _the_loop.call(_manager.stop_all("the server restarted"), timeout=60)
+        _the_loop.call(_manager.stop_all("the web server stopped"), timeout=30)
     except Exception:
-        logger.warning("whip sessions not all finished at exit", exc_info=True)
+        logger.warning("whip sessions not all closed at exit", exc_info=True)
+    for session, keep in _manager.left_to_finish:
+        try:
+            _finish(session, keep)
+        except Exception:
+            logger.exception("whip: storing the recording of %s at exit failed", session.item_id)
 
 
 # --- Redis: slots per user, live sessions, stop flags ---------------------------------------------
@@ -565,6 +596,8 @@ class Manager:
         self.sessions: dict[uuid.UUID, Session] = {}
         self._monitor: asyncio.Task[None] | None = None
         self._last_remote_check = 0.0
+        self.exiting = False
+        self.left_to_finish: list[tuple[Session, bool]] = []
 
     async def start_monitor(self) -> None:
         self._monitor = asyncio.ensure_future(self._watch())
@@ -643,7 +676,10 @@ class Manager:
         loop = asyncio.get_running_loop()
         assert _the_loop is not None
         try:
-            await loop.run_in_executor(_the_loop.finisher, _finish, session, has_media and not discard)
+            if self.exiting:
+                self.left_to_finish.append((session, has_media and not discard))
+            else:
+                await loop.run_in_executor(_the_loop.finisher, _finish, session, has_media and not discard)
         except Exception:
             logger.exception("whip: storing the recording of %s failed", session.item_id)
         finally:
@@ -763,14 +799,19 @@ def _finish(session: Session, keep: bool) -> None:
         if not keep:
             upload_delete(item=item)
             return
+        _store(item, path)
         lifecycle.noted(item_id=item_id, message=f"Recording ended: {session.reason}")
-        with open(path, "rb") as fh:
-            media_item_store_source(item=item, fileobj=fh)
         upload_complete(item=item)
     except UploadRefused as exc:
         logger.warning("whip recording of %s refused: %s", item_id, exc.message)
+    except Exception:
+        # Storage would not take it: the file stays on this host (UPLOAD_STAGING_DIR, removed
+        # with the item when its upload expires) for an operator to store by hand.
+        logger.exception("whip: the recording of %s could not be stored; kept at %s", item_id, path)
+        path = None
     finally:
-        path.unlink(missing_ok=True)
+        if path is not None:
+            path.unlink(missing_ok=True)
         _release_slot(session.owner_id, session.slot)
         _r().delete(_live_key(item_id), _stop_key(item_id))
         close_old_connections()
@@ -786,6 +827,23 @@ def _finish(session: Session, keep: bool) -> None:
             rec.sync or "-",
             tracks,
         )
+
+
+STORE_ATTEMPTS = 3
+
+
+def _store(item: MediaItem, path: Path) -> None:
+    """The recording into storage at the item's source key; a storage hiccup is tried again."""
+    for attempt in range(1, STORE_ATTEMPTS + 1):
+        try:
+            with open(path, "rb") as fh:
+                media_item_store_source(item=item, fileobj=fh)
+            return
+        except Exception:  # S3's errors are not OSErrors
+            if attempt == STORE_ATTEMPTS:
+                raise
+            logger.warning("whip: storing %s failed (attempt %d); trying again", item.pk, attempt, exc_info=True)
+            time.sleep(2**attempt)
 
 
 # --- the API's entry points ---------------------------------------------------------------------

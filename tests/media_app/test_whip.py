@@ -357,6 +357,29 @@ def test_every_way_a_session_ends_keeps_what_it_recorded(limited_server, asgi_se
     assert over.delete().status_code == 404  # it is over
 
 
+def test_a_recording_is_kept_when_its_web_server_stops(_asgi_session, transactional_db, celery_worker, make_user, clip):
+    """A deploy restarts the web process mid-recording: what arrived until then is stored and
+    processed (the session ends at the server's exit), not left on that host's disk."""
+    server = LimitedServer(RUN_DIR / "logs" / "asgi-whip-stopped.log")
+    server.start()
+    publisher = Publisher(server.url, token_for(make_user()), clip)
+
+    async def session() -> None:
+        await publisher.start()
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(server.stop)  # SIGTERM, as a deploy does
+        await publisher.close()
+
+    try:
+        asyncio.run(session())
+    finally:
+        server.stop()
+    item = MediaItem.objects.get(pk=publisher.item_id)
+    assert "Recording ended: the web server stopped" in item.events.values_list("message", flat=True)
+    out = decoded(completed(publisher.item_id).renditions.get(role="video").storage_key)
+    assert 1.0 <= out["video_seconds"] <= 2.0 and 1.0 <= out["audio_seconds"] <= 2.0, out
+
+
 # --- the pieces -------------------------------------------------------------------------------
 
 
