@@ -268,8 +268,16 @@ def is_keyframe(codec: str, data: bytes) -> bool:
     if codec == "VP8":
         return vp8_keyframe_size(data) is not None
     if codec == "H264":
-        return {5, 7, 8} <= h264_nal_types(data)  # an IDR picture with its parameter sets
+        return 5 in h264_nal_types(data)  # an IDR picture
     return True
+
+
+def starts_a_track(codec: str, data: bytes) -> bool:
+    """A frame a recording's video can begin with: a key frame (for H.264, with the parameter
+    sets that become the track's CodecPrivate)."""
+    if codec == "H264":
+        return {5, 7, 8} <= h264_nal_types(data)
+    return is_keyframe(codec, data)
 
 
 class _OriginMapper(TimestampMapper):  # type: ignore[misc]
@@ -413,7 +421,7 @@ class Recording:
             return
         track.codec, track.clock_rate = codec, clock_rate
         key = is_keyframe(codec, data)
-        if track.kind == "video" and track.frames == 0 and not self.started and not key:
+        if track.kind == "video" and track.frames == 0 and not self.started and not starts_a_track(codec, data):
             track.request_keyframe()  # nothing decodes before the first key frame: wait for it
             return
         if track.stream is None and self.started:
@@ -932,8 +940,3 @@ def whip_session_stop(*, item_id: Any, timeout: float = 60) -> bool:
             raise TimeoutError(f"the WHIP session of {item_id} did not end within {timeout:g} s")
         time.sleep(0.1)
     return True
-
-
-def whip_sessions_here() -> list[uuid.UUID]:
-    """Items recording on this process (for tests and the admin)."""
-    return list(_manager.sessions)

@@ -389,6 +389,10 @@ def test_key_frames_are_told_from_the_bytes():
     assert vp8_keyframe_size(bytes([0x51]) + vp8_key[1:]) is None  # an inter frame
     idr = b"\x00\x00\x00\x01\x67\x42" + b"\x00\x00\x00\x01\x68\xce" + b"\x00\x00\x01\x65\x88"
     assert h264_nal_types(idr) == {7, 8, 5}
+    assert whip.is_keyframe("H264", idr) and whip.starts_a_track("H264", idr)
+    bare_idr = b"\x00\x00\x00\x01\x65\x88"  # a later key frame, its parameter sets sent once before
+    assert whip.is_keyframe("H264", bare_idr) and not whip.starts_a_track("H264", bare_idr)
+    assert not whip.is_keyframe("H264", b"\x00\x00\x00\x01\x41\x9a")  # a P slice
 
 
 def test_the_bitrate_is_measured_over_the_last_window(tmp_path, monkeypatch):
