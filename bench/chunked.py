@@ -130,7 +130,7 @@ def chunked_section(report: Report, owner: Any, run_dir: Path) -> None:
 
     parts = [(h, e) for h, e in two["lines"] if e["stage"].startswith("encode.part")]
     per_host = {h: sum(1 for host, _ in parts if host == h) for h in (0, 1)}
-    busy = {h: round(sum(e["seconds"] for host, e in two["lines"] if host == h), 1) for h in (0, 1)}
+    busy = {h: round(sum(e.get("seconds", 0.0) for host, e in two["lines"] if host == h), 1) for h in (0, 1)}
     chunk_secs = [e["seconds"] for _, e in one["lines"] if e["stage"].startswith("encode.part")]
     audio_secs = [e["seconds"] for _, e in one["lines"] if e["stage"] == "encode.audio"]
     join = [e for _, e in one["lines"] if e["stage"] == "encode.join"]
