@@ -35,6 +35,32 @@ logger = logging.getLogger("media_app.sockets")
 
 
 class _FanOutShard(RedisSingleShardConnection):  # type: ignore[misc]
+    async def _do_receiving(self) -> None:
+        """The parent's loop, with Redis being away logged as one line, not a traceback a second.
+        redis-py reconnects and subscribes again by itself; what is published meanwhile is lost
+        (every socket's first message is the saved state, so a reconnecting client catches up)."""
+        failures = 0
+        while True:
+            try:
+                if self._pubsub and self._pubsub.subscribed:
+                    message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+                    if failures:
+                        logger.info("channel layer: Redis reachable again after %d failed reads", failures)
+                        failures = 0
+                    self._receive_message(message)
+                else:
+                    await asyncio.sleep(0.1)
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except (redis.RedisError, OSError, TimeoutError) as exc:
+                failures += 1
+                if failures == 1:
+                    logger.warning("channel layer: Redis unreachable (%s); retrying every second", exc)
+                await asyncio.sleep(1)
+            except Exception:
+                logger.exception("channel layer: unexpected error in the receive loop")
+                await asyncio.sleep(1)
+
     def _receive_message(self, message: dict[str, Any] | None) -> None:
         if message is None:
             return
