@@ -67,13 +67,19 @@ def test_a_long_video_is_encoded_in_chunks_on_both_hosts_and_joined_seamlessly(
     src = lavfi_video(tmp_path / "long.mp4", seconds=SECONDS, size="320x180", rate=RATE)
     item_id = submit(asgi_server, auth, src, "video/mp4")
 
-    item = wait_for(
-        lambda: MediaItem.objects.filter(pk=item_id, status__in=FINAL_STATUSES).first(),
-        timeout=300,
-        what="the chunked item to finish",
-    )
+    seen: set[tuple[int, bool]] = set()  # (progress, time left known) while the chunks encode
+
+    def finished() -> MediaItem | None:
+        item = MediaItem.objects.get(pk=item_id)
+        if item.status == "Processing" and item.stage == "encode":
+            seen.add((item.progress, item.eta_seconds is not None))
+        return item if item.status in FINAL_STATUSES else None
+
+    item = wait_for(finished, timeout=300, what="the chunked item to finish", interval=0.05)
     assert item.status == "Completed", (item.error_code, item.error_message, item.error_detail[-800:])
     one_set_of_outputs(item)
+    # Progress moved as chunks finished on either host, with a time left.
+    assert len({p for p, _ in seen}) >= 3 and any(eta for _, eta in seen), sorted(seen)
 
     # Six chunks of 20 s (five GOPs of 4 s each) and the audio, each once, on both hosts.
     lines = done_lines(chunking_hosts, item_id)
