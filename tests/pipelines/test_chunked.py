@@ -144,3 +144,14 @@ def test_chunks_joined_are_the_whole_file_encode(
     if not late:
         assert abs(j_audio - (j_times[-1] + 1 / plan.video.fps)) <= 1 / plan.video.fps
         assert j_frames == w_frames
+
+
+def test_video_threads_bound_svt_av1_and_chunk_seconds_come_from_the_setting() -> None:
+    """video.threads is SVT-AV1's lp= (it ignores -threads), so workers x threads = cores; both
+    knobs are set through MEDIA_PROFILES."""
+    prof = Profiles.from_overrides({"video": {"threads": 1, "chunk_seconds": 0}})
+    assert prof.video.chunk_seconds == 0 and Profiles().video.chunk_seconds == 60
+    video = av.VideoPlan(320, 180, "25", 25.0, 100, "yuv420p", "tv", 320, 180, 0)
+    args = av.video_codec_args(video, prof, "expr:eq(n,0)")
+    assert args[args.index("-svtav1-params") + 1] == "lp=1"
+    assert "-svtav1-params" not in av.video_codec_args(video, Profiles(), "expr:eq(n,0)")
