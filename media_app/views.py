@@ -29,7 +29,7 @@ _EXT = EXTENSIONS_FOR_TYPE
 
 LOGIN_URL = reverse_lazy("login")
 # Bumped when page.js or page.css change, so browsers do not keep an old copy.
-ASSET_VERSION = "3"
+ASSET_VERSION = "4"
 
 
 def page_config(request: HttpRequest) -> dict[str, Any]:

@@ -218,7 +218,8 @@
   //   paused   held by the person; keeps its place and what was sent
   //   stopped  the connection failed; "Resume upload" puts it back in line
   //   uploaded the last byte is in
-  const UPLOAD_PHASES = ["queued", "sending", "paused", "stopped"];
+  //   recording  a camera recording published from this page (WHIP), until Stop
+  const UPLOAD_PHASES = ["queued", "sending", "paused", "stopped", "recording"];
 
   class Card {
     constructor({ name, size, session, file = null }) {
@@ -534,6 +535,36 @@
       this.setBadge("Not sent", "bad");
       this.error(message);
       this.setCancelLabel("Remove");
+    }
+
+    // Recording side (a camera recording published from this page) ---------------------------
+
+    recording() {
+      this.phase = "recording";
+      this.setState("uploading");
+      this.setBadge("Recording", "busy");
+      this.q('[data-box="upload"] [data-label]').textContent = "Recording";
+      this.q('[data-bar="upload"]').removeAttribute("value"); // live: no end to measure against
+      this.q("[data-meta]").textContent = "Live from your camera";
+      this.cancelButton.hidden = true; // Stop (above) ends it
+    }
+
+    recorded(seconds) {
+      this.phase = "uploaded";
+      this.cancelButton.hidden = false;
+      this.bar("upload", 100, `Recorded ${formatClock(seconds)}`);
+      announce(`${this.name}: recorded, waiting for processing`);
+      const state = this.itemId ? known.get(this.itemId) : null;
+      if (state && state.status !== "Pending") this.setItem(state);
+      else {
+        this.setState("pending");
+        this.setBadge("Pending", "wait");
+        this.setCancelLabel("Cancel");
+        this.bar("process", 0, "Waiting to start…");
+      }
+      if (this.itemId) {
+        api("GET", `${config.urls.media}${this.itemId}`).then((r) => { if (r.ok) applyItem(r.body); });
+      }
     }
 
     // Server side ------------------------------------------------------------------------------
@@ -1218,6 +1249,163 @@
   document.getElementById("limits-hint").textContent =
     `Up to ${formatBytes(limits.max_bytes)} per file, any number of files at once (${MAX_SENDING} are sent at a time). `
     + `Accepted: ${describeAccepted()}. Uploads continue after a reload: add the same file again.`;
+
+  // --- recording from the camera (WHIP) ---------------------------------------------------------
+  // The browser's own WebRTC publishes the camera and microphone to /api/whip/ (RFC 9725), with
+  // the page's session and CSRF token as every other call here. The server records what arrives
+  // into a new item; Stop ends the session, and the item is processed like any upload.
+
+  const recorder = {
+    box: document.getElementById("recorder"),
+    button: document.getElementById("record"),
+    panel: document.getElementById("recording"),
+    preview: document.getElementById("record-preview"),
+    elapsed: document.getElementById("record-elapsed"),
+    stopButton: document.getElementById("record-stop"),
+    errorBox: document.getElementById("record-error"),
+    pc: null,
+    stream: null,
+    location: null,
+    card: null,
+    startedAt: 0,
+    timer: null,
+
+    supported() {
+      return Boolean(window.RTCPeerConnection && navigator.mediaDevices && navigator.mediaDevices.getUserMedia);
+    },
+
+    error(text) {
+      this.errorBox.hidden = !text;
+      this.errorBox.textContent = text || "";
+    },
+
+    seconds() { return this.startedAt ? (performance.now() - this.startedAt) / 1000 : 0; },
+
+    tick() {
+      const text = formatClock(this.seconds());
+      this.elapsed.textContent = text;
+      if (this.card) this.card.bar("upload", null, `Recording · ${text}`);
+    },
+
+    async start() {
+      this.error("");
+      this.button.disabled = true;
+      try {
+        this.stream = await navigator.mediaDevices.getUserMedia({
+          video: { width: { ideal: 1280 }, height: { ideal: 720 } }, audio: true,
+        });
+      } catch (err) {
+        this.fail(`The camera could not be opened (${err.name}): allow the camera and microphone, then try again.`);
+        return;
+      }
+      this.preview.srcObject = this.stream;
+      this.panel.hidden = false;
+      this.elapsed.textContent = "Connecting…";
+      const pc = new RTCPeerConnection();
+      this.pc = pc;
+      for (const track of this.stream.getTracks()) pc.addTransceiver(track, { direction: "sendonly", streams: [this.stream] });
+      try {
+        await pc.setLocalDescription(await pc.createOffer());
+        await gathered(pc, 3000); // WHIP without trickle: the offer carries every candidate
+        const r = await fetch(this.box.dataset.whipUrl, {
+          method: "POST",
+          credentials: "same-origin",
+          headers: { "Content-Type": "application/sdp", "X-CSRFToken": csrfToken },
+          body: pc.localDescription.sdp,
+        });
+        if (r.status !== 201) {
+          let message = `The server refused the recording (HTTP ${r.status}).`;
+          try { message = (await r.json()).error.message || message; } catch (err) { /* not JSON */ }
+          throw new Error(message);
+        }
+        this.location = r.headers.get("Location");
+        await pc.setRemoteDescription({ type: "answer", sdp: await r.text() });
+      } catch (err) {
+        this.fail(err.message || String(err));
+        return;
+      }
+      pc.addEventListener("connectionstatechange", () => {
+        if (pc.connectionState === "connected" && !this.startedAt) {
+          this.startedAt = performance.now();
+          this.stopButton.disabled = false;
+          announce("Recording");
+        } else if (pc.connectionState === "failed" && this.pc === pc) {
+          // The server ends the session itself and keeps what it recorded.
+          this.finish("The connection was lost; what was recorded is kept.");
+        }
+      });
+      const itemId = itemIdFromUrl(this.location);
+      const card = new Card({ name: "Camera recording", size: 0, session: true });
+      uploadsList.prepend(card.node);
+      card.claim(itemId);
+      card.recording();
+      this.card = card;
+      library.updateEmpty();
+      this.tick();
+      this.timer = window.setInterval(() => this.startedAt && this.tick(), 250);
+    },
+
+    async stop() {
+      this.stopButton.disabled = true;
+      const location = this.location;
+      const seconds = this.seconds();
+      this.elapsed.textContent = `Stopping at ${formatClock(seconds)}…`;
+      let message = "";
+      try {
+        // Answers once the recording is stored and queued for processing.
+        const r = await fetch(location, { method: "DELETE", credentials: "same-origin", headers: { "X-CSRFToken": csrfToken } });
+        if (!r.ok && r.status !== 404) message = `Stopping failed (HTTP ${r.status}); the server ends the recording by itself.`;
+      } catch (err) {
+        message = "The server could not be reached; it ends the recording by itself.";
+      }
+      this.finish(message, seconds);
+    },
+
+    finish(message, seconds = this.seconds()) {
+      window.clearInterval(this.timer);
+      if (this.pc) this.pc.close();
+      if (this.stream) for (const track of this.stream.getTracks()) track.stop();
+      this.preview.srcObject = null;
+      this.pc = this.stream = this.location = null;
+      this.panel.hidden = true;
+      this.button.disabled = false;
+      this.error(message);
+      if (this.card) this.card.recorded(seconds);
+      this.card = null;
+      this.startedAt = 0;
+    },
+
+    fail(message) {
+      if (this.location) {
+        fetch(this.location, { method: "DELETE", credentials: "same-origin", headers: { "X-CSRFToken": csrfToken } });
+      }
+      this.card = null;
+      this.finish(message);
+      announce(`Recording failed: ${message}`);
+    },
+  };
+
+  function formatClock(seconds) {
+    const s = Math.floor(seconds);
+    return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+  }
+
+  function gathered(pc, timeoutMs) {
+    return new Promise((resolve) => {
+      if (pc.iceGatheringState === "complete") { resolve(); return; }
+      const done = () => { if (pc.iceGatheringState === "complete") resolve(); };
+      pc.addEventListener("icegatheringstatechange", done);
+      window.setTimeout(resolve, timeoutMs);
+    });
+  }
+
+  if (recorder.supported()) {
+    recorder.button.addEventListener("click", () => recorder.start());
+    recorder.stopButton.addEventListener("click", () => recorder.stop());
+  } else {
+    recorder.button.disabled = true;
+    recorder.error("This browser cannot record from a camera (no WebRTC).");
+  }
 
   // --- start -----------------------------------------------------------------------------------
 
