@@ -12,6 +12,8 @@ with ``ebur128`` and applied as a gain in the encode's own filter graph.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import re
@@ -27,11 +29,13 @@ import ffmpeg
 
 from pipelines.detect import Detected
 from pipelines.errors import Cancelled, InvalidInput, MediaError, TooLarge, UnsupportedCodec
+from pipelines.ladder import Rung, plan_ladder
 from pipelines.probe import MediaInfo, StreamInfo, check_limits, codec_allowed, probe
 from pipelines.profiles import AudioProfile, Limits, Profiles
 from pipelines.results import Output
 from pipelines.runner import RunResult, ffmpeg_exe, open_input, run_ffmpeg
 from pipelines.sniff import TAGGED, sniff
+from pipelines.storyboard import storyboard
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +157,8 @@ class EncodeResult:
     height: int | None
     duration: float | None
     seconds: float
+    # Every rung of the video's ladder (the first is ``file`` itself); () for audio.
+    rungs: tuple[Rung, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -645,18 +651,32 @@ def encode(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> EncodeResult:
-    """AV1 (SVT-AV1) + Opus, or Opus alone, with a key frame starting every DASH segment."""
+    """AV1 (SVT-AV1) + Opus, or Opus alone, with a key frame starting every DASH segment; for a
+    video, every rung of the ladder (``pipelines.ladder``) from the same decode in the same run."""
     with _timed("encode", kind=demuxed.kind):
         out_dir.mkdir(parents=True, exist_ok=True)
         vp = profiles.video
         args: list[str] = []
         codecs = []
+        rungs: tuple[Rung, ...] = ()
+        extra_outputs: list[str] = []
         if plan.video is not None and filters.video is not None:
             seg = vp.segment_seconds
             # SVT-AV1's own GOP is ~5 s; DASH cuts segments at key frames, so force one at every
             # segment boundary (by time, robust to odd rates) and make the GOP the same length.
             keys = f"expr:gte(t,n_forced*{seg:g})"
-            args += ["-map", "0:v:0", "-vf", filters.video, *video_codec_args(plan.video, profiles, keys)]
+            rungs = video_rungs(plan.video, profiles)
+            graph, labels = ladder_graph(filters.video, rungs)
+            args += [
+                "-filter_complex",
+                graph,
+                "-map",
+                labels[0],
+                *rung_codec_args(rungs[0], plan.video, profiles, keys),
+            ]
+            for rung, label in zip(rungs[1:], labels[1:], strict=True):
+                extra_outputs += ["-map", label, *rung_codec_args(rung, plan.video, profiles, keys),
+                                  "-an", *_CLEAN, "-f", "matroska", str(out_dir / rung.file)]  # fmt: skip
             codecs.append("av1")
         else:
             args += ["-vn"]
@@ -666,8 +686,7 @@ def encode(
         else:
             args += ["-an"]
         name = "encoded.mkv" if demuxed.kind == "video" else "encoded.mka"
-        args += ["-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1",
-                 "-f", "matroska", str(out_dir / name)]  # fmt: skip
+        args += [*_CLEAN, "-f", "matroska", str(out_dir / name), *extra_outputs]
         decoding = decoder_args(plan.video.x264_build) if plan.video is not None else ()
         with open_input(demux_dir / demuxed.file, demuxed.ffmpeg_format) as inp:
             result = run_ffmpeg(
@@ -682,7 +701,47 @@ def encode(
             height=plan.video.height if plan.video else None,
             duration=round(result.out_time, 3) if result.out_time else plan.duration,
             seconds=round(result.seconds, 3),
+            rungs=rungs,
         )
+
+
+_CLEAN = ("-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1")
+
+
+def video_rungs(video: VideoPlan, profiles: Profiles) -> tuple[Rung, ...]:
+    """The ladder for this plan: the top AV1 rung at the planned size first."""
+    return plan_ladder(video.width, video.height, video.max_bitrate, profiles.video)
+
+
+def ladder_graph(video_filter: str, rungs: tuple[Rung, ...], *, source: str = "[0:v:0]") -> tuple[str, list[str]]:
+    """One ``-filter_complex`` graph: the video filter once, then ``split`` to every rung, each
+    scaled down from the top rung's frames (already at the output rate, format and range).
+    Returns the graph and the output label of each rung, in order."""
+    if len(rungs) == 1:
+        return f"{source}{video_filter}[r0]", ["[r0]"]
+    top = rungs[0]
+    splits = "".join(f"[s{i}]" for i in range(len(rungs)))
+    parts = [f"{source}{video_filter},split={len(rungs)}{splits}", "[s0]null[r0]"]
+    for i, rung in enumerate(rungs[1:], start=1):
+        step = "null" if (rung.width, rung.height) == (top.width, top.height) else f"scale={rung.width}:{rung.height}"
+        parts.append(f"[s{i}]{step},setsar=1[r{i}]")  # rungs keep the aspect exactly (ladder)
+    return ";".join(parts), [f"[r{i}]" for i in range(len(rungs))]
+
+
+def rung_codec_args(rung: Rung, video: VideoPlan, profiles: Profiles, key_frames: str) -> list[str]:
+    """The encoder's options for one rung: AV1 as ``video_codec_args`` with the rung's cap, or
+    VP9 (libvpx-vp9, constrained quality, the same GOP and forced key frames)."""
+    if rung.codec == "av1":
+        return video_codec_args(dataclasses.replace(video, max_bitrate=rung.max_bitrate), profiles, key_frames)
+    vp = profiles.video
+    args = [
+        "-c:v", "libvpx-vp9", "-deadline", "good", "-cpu-used", str(vp.vp9_cpu_used), "-row-mt", "1",
+        "-crf", str(vp.vp9_crf), "-b:v", str(rung.max_bitrate), "-pix_fmt", vp.pix_fmt,
+        "-color_range", video.color_range, "-g", str(video.gop), "-force_key_frames", key_frames,
+    ]  # fmt: skip
+    if vp.threads > 0:
+        args += ["-threads", str(vp.threads)]
+    return args
 
 
 def audio_codec_args(a: AudioPlan, profiles: Profiles) -> list[str]:
@@ -758,29 +817,52 @@ def chunk(
     *,
     profiles: Profiles,
     limits: Limits,
+    encoded: EncodeResult | None = None,
+    encode_dir: Path | None = None,
 ) -> ChunkResult:
-    """Cut the WebM into DASH segments (copy, no re-encode) at the key frames the encode placed."""
+    """Cut the WebM, and the ladder's other rungs from the encode, into DASH segments (copy, no
+    re-encode) at the key frames the encode placed, all rungs on the same ones.
+
+    Adaptation sets: the AV1 rungs (the WebM's video first), the VP9 rungs, the Opus audio, so
+    a player picks the codec it can decode and then switches between that set's rungs.
+    """
     with _timed("chunk", kind=muxed.kind):
         out_dir.mkdir(parents=True, exist_ok=True)
         seg = profiles.video.segment_seconds
         main = muxed.outputs[0]
         has_video = main.role == "video"
         has_audio = main.role == "audio" or "opus" in main.codec
-        sets = []
+        others = list(encoded.rungs[1:]) if encoded and encode_dir and has_video else []
+        # Output stream order: the WebM's video, the other rungs, the audio last.
+        files = [mux_dir / muxed.file, *[encode_dir / r.file for r in others if encode_dir is not None]]
+        maps: list[str] = []
+        codec_of: list[str] = []
         if has_video:
-            sets.append("id=0,streams=v")
+            maps += ["-map", "0:v:0"]
+            codec_of.append("av1")
+        for i, rung in enumerate(others, start=1):
+            maps += ["-map", f"{i}:v:0"]
+            codec_of.append(rung.codec)
         if has_audio:
-            sets.append(f"id={len(sets)},streams=a")
+            maps += ["-map", "0:a:0"]
+            codec_of.append("opus")
+        sets: list[str] = []
+        for codec in ("av1", "vp9", "opus"):
+            ids = [str(i) for i, c in enumerate(codec_of) if c == codec]
+            if ids:
+                sets.append(f"id={len(sets)},streams={','.join(ids)}")
         manifest = out_dir / "manifest.mpd"
-        with open_input(mux_dir / muxed.file, MATROSKA) as inp:
+        with contextlib.ExitStack() as stack:
+            inputs = [stack.enter_context(open_input(f, MATROSKA)) for f in files]
             run_ffmpeg(
-                [*inp.args(), "-map", "0", "-c", "copy", "-f", "dash", "-dash_segment_type", "webm",
+                [*[a for inp in inputs for a in inp.args()], *maps, "-c", "copy", "-f", "dash",
+                 "-dash_segment_type", "webm",
                  "-seg_duration", f"{seg:g}", "-use_template", "1", "-use_timeline", "1",
                  "-adaptation_sets", " ".join(sets),
                  "-init_seg_name", "init-$RepresentationID$.webm",
                  "-media_seg_name", "chunk-$RepresentationID$-$Number%05d$.webm",
                  str(manifest)],
-                limits=limits, pass_fds=[inp.fd],
+                limits=limits, pass_fds=[inp.fd for inp in inputs],
             )  # fmt: skip
         outputs = [
             Output(
@@ -792,13 +874,13 @@ def chunk(
         ]
         for path in sorted(out_dir.glob("*.webm"), key=_segment_order):
             rep = path.stem.split("-")[1]
-            is_video_rep = has_video and rep == "0"
+            codec = codec_of[int(rep)] if rep.isdigit() and int(rep) < len(codec_of) else "opus"
             outputs.append(
                 Output(
                     role="segment",
                     file=path.name,
-                    content_type="video/webm" if is_video_rep else "audio/webm",
-                    codec="av1" if is_video_rep else "opus",
+                    content_type="audio/webm" if codec == "opus" else "video/webm",
+                    codec=codec,
                     bytes=path.stat().st_size,
                 )
             )
@@ -881,6 +963,31 @@ def previews(
             bytes=len(data),
         )
         return PreviewResult(outputs=(output,), at=round(frame_time, 3), luma=round(luma, 1))
+
+
+def storyboards(
+    demuxed: DemuxResult, demux_dir: Path, out_dir: Path, *, profiles: Profiles, limits: Limits
+) -> tuple[Output, ...]:
+    """The storyboard sheet and its WebVTT index (``pipelines.storyboard``), through the same
+    colour chain and picture steps as the thumbnail; none for audio or a picture-less file.
+    Apart from ``previews`` so the thumbnail is shown before this decodes the whole video."""
+    video = demuxed.info.video
+    if demuxed.kind != "video" or video is None or video.display_size is None:
+        return ()
+    dw, dh = video.display_size
+    return storyboard(
+        demux_dir / demuxed.file,
+        demuxed.ffmpeg_format,
+        out_dir,
+        duration=_picture_span(video, demuxed.duration),
+        width=dw,
+        height=dh,
+        prelude=",".join([*colour_chain(video), ""]),
+        picture=lambda w, h: ",".join(picture_steps(video, w, h)),
+        decoding=decoder_args(video.x264_build),
+        sp=profiles.storyboard,
+        limits=limits,
+    )
 
 
 _SHORT_PICTURE = 2.0  # seconds of picture under which a thumbnail is taken from the start

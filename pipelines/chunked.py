@@ -34,9 +34,12 @@ from pipelines.av import (
     VideoPlan,
     audio_codec_args,
     decoder_args,
-    video_codec_args,
+    ladder_graph,
+    rung_codec_args,
+    video_rungs,
 )
 from pipelines.errors import MediaError
+from pipelines.ladder import Rung
 from pipelines.profiles import Limits, Profiles
 from pipelines.runner import open_input, run_ffmpeg
 
@@ -73,6 +76,8 @@ class PartResult:
     first_pts: int  # on the 1/R grid
     seconds: float
     bytes: int
+    # The ladder's other rungs of this chunk (``av.video_rungs`` order, after the top), same frames.
+    rung_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -203,7 +208,8 @@ def encode_part(
     progress: Callable[[float], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> PartResult:
-    """Encode one chunk's frames, video only, with the whole-file encode's options."""
+    """Encode one chunk's frames, video only, with the whole-file encode's options: every rung
+    of the ladder from the one decode, as the whole-file encode does."""
     video = _video(plan, filters)
     rng = chunks.ranges[index]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,17 +218,22 @@ def encode_part(
     at = seek_seconds(rng, chunks.frame_rate)
     if at is not None:
         extra += ["-ss", f"{at:.6f}"]
-    graph = f"{filters.video},{trim_filter(rng)}"
+    rungs = video_rungs(video, profiles)
+    graph, labels = ladder_graph(f"{filters.video},{trim_filter(rng)}", rungs)
+    keys = key_frame_expr(rng)
+    rung_files = tuple(f"part-{index:05d}-{r.file}" for r in rungs[1:])
+    outputs: list[str] = []
+    for rung, label, file in zip(rungs, labels, (name, *rung_files), strict=True):
+        outputs += ["-map", label, *rung_codec_args(rung, video, profiles, keys),
+                    "-an", "-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1",
+                    "-f", "matroska", str(out_dir / file)]  # fmt: skip
     rate = Fraction(chunks.frame_rate)
     length = None
     if rng.end is not None:
         length = float((rng.end - (rng.start or 0)) / rate)
     with open_input(demux_dir / demuxed.file, demuxed.ffmpeg_format) as inp:
         result = run_ffmpeg(
-            [*inp.args(*extra), "-copyts", "-start_at_zero", "-map", "0:v:0", "-vf", graph,
-             *video_codec_args(video, profiles, key_frame_expr(rng)),
-             "-an", "-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1",
-             "-f", "matroska", str(out_dir / name)],
+            [*inp.args(*extra), "-copyts", "-start_at_zero", "-filter_complex", graph, *outputs],
             limits=limits, duration=length, progress=progress, cancel=cancel, pass_fds=[inp.fd],
         )  # fmt: skip
     frames, first = count_frames(out_dir / name, limits=limits)
@@ -233,7 +244,8 @@ def encode_part(
         frames=frames,
         first_pts=first_pts,
         seconds=round(result.seconds, 3),
-        bytes=(out_dir / name).stat().st_size,
+        bytes=sum((out_dir / f).stat().st_size for f in (name, *rung_files)),
+        rung_files=rung_files,
     )
 
 
@@ -325,8 +337,10 @@ def join(
     out_dir: Path,
     *,
     limits: Limits,
+    rungs: tuple[Rung, ...] = (),
 ) -> EncodeResult:
-    """The chunks one after another, and the audio, into one Matroska file: stream copy only.
+    """The chunks one after another, and the audio, into one Matroska file: stream copy only;
+    each other rung of the ``rungs`` ladder likewise into its own file (video only).
 
     The concat demuxer opens the chunk files by name (``-protocol_whitelist file``): they are
     our own encoder's output in this stage's folders, not the upload.
@@ -349,16 +363,28 @@ def join(
     args = ["-f", "concat", "-safe", "0", "-protocol_whitelist", "file",
             "-itsoffset", f"{offset:.9f}", "-i", str(listing)]  # fmt: skip
     maps = ["-map", "0:v:0"]
-    fds: list[int] = []
     if audio is not None:
         args += ["-f", "matroska", "-protocol_whitelist", "file", "-i", str(audio)]
         maps += ["-map", "1:a:0"]
-    result = run_ffmpeg(
-        [*args, *maps, "-c", "copy", "-map_metadata", "-1", "-map_chapters", "-1", "-f", "matroska",
-         str(out_dir / name)],
-        limits=limits, pass_fds=fds,
-    )  # fmt: skip
-    listing.unlink(missing_ok=True)
+    outputs = [*maps, "-c", "copy", "-map_metadata", "-1", "-map_chapters", "-1", "-f", "matroska", str(out_dir / name)]
+    for i, rung in enumerate(rungs[1:]):
+        if any(len(p.rung_files) != len(rungs) - 1 for _, p in ordered):
+            raise MediaError("A chunk of the video lacks a rung of the ladder.", detail=rung.file)
+        rung_list = out_dir / f"parts-{i}.ffconcat"
+        rung_list.write_text(
+            concat_list(
+                [(str((path.parent / p.rung_files[i]).resolve()), p.frames) for path, p in ordered if p.frames],
+                chunks.frame_rate,
+            )
+        )
+        n = (2 if audio is not None else 1) + i  # the input index of this rung's listing
+        args += ["-f", "concat", "-safe", "0", "-protocol_whitelist", "file",
+                 "-itsoffset", f"{offset:.9f}", "-i", str(rung_list)]  # fmt: skip
+        outputs += ["-map", f"{n}:v:0", "-c", "copy", "-map_metadata", "-1", "-map_chapters", "-1",
+                    "-f", "matroska", str(out_dir / rung.file)]  # fmt: skip
+    result = run_ffmpeg([*args, *outputs], limits=limits)
+    for listed in out_dir.glob("parts*.ffconcat"):
+        listed.unlink(missing_ok=True)
     frames = sum(p.frames for _, p in ordered)
     return EncodeResult(
         kind="video",
@@ -368,6 +394,7 @@ def join(
         height=video.height,
         duration=round(float(frames / rate), 3) if result.returncode == 0 else plan.duration,
         seconds=round(sum(p.seconds for _, p in ordered) + result.seconds, 3),
+        rungs=rungs,
     )
 
 

@@ -33,6 +33,17 @@ class VideoProfile:
     # The encoder's threads (SVT-AV1 lp=); 0 lets it use every core. Set it so that a host's
     # video workers x threads = its cores.
     threads: int = 0
+    # The adaptive ladder: (short edge in lines, bitrate cap in kb/s) per AV1 rung. The top rung
+    # is the planned size (the WebM download); the others are those below it. Caps are CRF's
+    # ceiling (capped CRF), never above the source-derived cap.
+    ladder: tuple[tuple[int, int], ...] = ((1080, 4500), (720, 2500), (480, 1200), (360, 700))
+    # The VP9 fallback (libvpx-vp9) for browsers without AV1: its rungs (those not above the
+    # planned size; a smaller source gets its own size and halves, to ``vp9_min_rungs``), its
+    # CRF and speed. Measured in docs/decisions.md.
+    vp9_ladder: tuple[tuple[int, int], ...] = ((720, 2500), (360, 700))
+    vp9_min_rungs: int = 2
+    vp9_crf: int = 36
+    vp9_cpu_used: int = 5
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,18 @@ class ThumbnailProfile:
 
 
 @dataclass(frozen=True)
+class StoryboardProfile:
+    """The seek-bar preview sheet: at most ``max_tiles`` tiles (a tile every duration/max_tiles
+    seconds, never closer than ``min_interval``), ``columns`` to a row, ``tile_width`` wide."""
+
+    tile_width: int = 160
+    max_tiles: int = 100
+    columns: int = 10
+    min_interval: float = 1.0
+    quality: int = 70
+
+
+@dataclass(frozen=True)
 class Limits:
     """Ceilings checked from the headers before a decoder runs, and enforced while it runs."""
 
@@ -92,6 +115,7 @@ class Profiles:
     audio: AudioProfile = field(default_factory=AudioProfile)
     image: ImageProfile = field(default_factory=ImageProfile)
     thumbnail: ThumbnailProfile = field(default_factory=ThumbnailProfile)
+    storyboard: StoryboardProfile = field(default_factory=StoryboardProfile)
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

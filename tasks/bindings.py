@@ -5,6 +5,7 @@ limits and the dispatch are all built from it, so adding a stage is adding one l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 import time
@@ -185,7 +186,8 @@ def join_parts(ctx: StageContext) -> av.EncodeResult:
     audio = ctx.result(AUDIO_STAGE, chunked.AudioPart)
     audio_path = ctx.dir(AUDIO_STAGE) / audio.file if audio.file else None
     normalized = ctx.result("normalize", av.NormalizePlan)
-    return chunked.join(parts, audio_path, normalized, plan, ctx.out_dir, limits=_limits())
+    rungs = av.video_rungs(normalized.video, profiles()) if normalized.video is not None else ()
+    return chunked.join(parts, audio_path, normalized, plan, ctx.out_dir, limits=_limits(), rungs=rungs)
 
 
 def _mux(ctx: StageContext) -> Any:
@@ -193,14 +195,26 @@ def _mux(ctx: StageContext) -> Any:
 
 
 def _chunk(ctx: StageContext) -> Any:
+    """DASH from the WebM (the top rung, with the audio) and the ladder's other rungs, which the
+    encode stage left beside its own file."""
     mux = ctx.result("mux", av.MuxResult)
-    return av.chunk(mux, ctx.dir("mux"), ctx.out_dir, profiles=profiles(), limits=_limits())
+    encoded = ctx.result("encode", av.EncodeResult)
+    return av.chunk(
+        mux,
+        ctx.dir("mux"),
+        ctx.out_dir,
+        profiles=profiles(),
+        limits=_limits(),
+        encoded=encoded,
+        encode_dir=ctx.dir("encode") if encoded.rungs[1:] else None,
+    )
 
 
 def _previews(ctx: StageContext) -> Any:
     """The thumbnail, taken right after demux and shown at once: the page has a picture within
     seconds of processing starting, not after the encode. ``store`` records it again with the
-    rest, so the final outputs are one set."""
+    rest, so the final outputs are one set. The storyboard follows (it decodes the whole video),
+    stored with the rest."""
     demuxed = ctx.result("demux", av.DemuxResult)
     result = av.previews(demuxed, ctx.dir("demux"), ctx.out_dir, profiles=profiles(), limits=_limits())
     for out in result.outputs:
@@ -208,7 +222,8 @@ def _previews(ctx: StageContext) -> Any:
             key = output_key_for(ctx.item_id, out.file)
             _put(ctx.out_dir / out.file, key)
             rendition_put(item_id=ctx.item_id, rendition=_record(out, key))
-    return result
+    board = av.storyboards(demuxed, ctx.dir("demux"), ctx.out_dir, profiles=profiles(), limits=_limits())
+    return dataclasses.replace(result, outputs=(*result.outputs, *board))
 
 
 def _image_decode(ctx: StageContext) -> Any:

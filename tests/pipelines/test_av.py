@@ -184,10 +184,12 @@ def test_stages_write_only_in_their_directories_with_relative_names(video_run: A
         "demux": {"streams.mkv"},
         "decode": set(),
         "normalize": set(),
-        "encode": {"encoded.mkv"},
+        # The top rung, and the ladder's other rungs beside it, each named in the result.
+        "encode": {"encoded.mkv", *(r.file for r in video_run["encode"].rungs)},
         "mux": {"media.webm"},
         "previews": {"thumbnail.webp"},
     }
+    assert len(expected["encode"]) == 3  # 320x240: AV1 at its size, VP9 at its size and half
     for stage, names in expected.items():
         found = {p.name for p in video_run.dir(stage).iterdir()} if video_run.dir(stage).exists() else set()
         assert found == names, stage
