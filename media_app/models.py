@@ -107,6 +107,9 @@ class Rendition(models.Model):
     height = models.PositiveIntegerField(null=True, blank=True)
     duration = models.FloatField(null=True, blank=True)
     bytes = models.BigIntegerField(default=0)
+    # A ThumbHash (base64) of a picture output (the thumbnail, an image's WebP): the page paints
+    # it until the picture loads.
+    placeholder = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

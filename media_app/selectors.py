@@ -26,6 +26,18 @@ def media_items_for_user(*, user: Any) -> QuerySet[MediaItem]:
     return qs if user.is_staff else qs.filter(owner=user)
 
 
+def media_item_placeholder(*, item_id: Any) -> str | None:
+    """The item's ThumbHash (its poster's or its image's), or None before a picture is taken."""
+    found = (
+        Rendition.objects.filter(item_id=item_id)
+        .exclude(placeholder="")
+        .order_by("role")
+        .values_list("placeholder", flat=True)
+        .first()
+    )
+    return found or None
+
+
 def rendition_payload(rendition: Rendition) -> dict[str, Any]:
     return {
         "role": rendition.role,
@@ -36,6 +48,7 @@ def rendition_payload(rendition: Rendition) -> dict[str, Any]:
         "height": rendition.height,
         "duration": rendition.duration,
         "bytes": rendition.bytes,
+        "placeholder": rendition.placeholder,
     }
 
 
@@ -69,6 +82,8 @@ def media_item_payload(item: MediaItem, *, with_outputs: bool = True, deleted: b
     elif with_outputs and item.status == "Processing":
         # The thumbnail is stored as soon as it is taken, before the encode: show it meanwhile.
         payload["outputs"] = [rendition_payload(r) for r in item.renditions.filter(role="thumbnail")]
+    if with_outputs:
+        payload["placeholder"] = next((o["placeholder"] for o in payload.get("outputs", []) if o["placeholder"]), None)
     if deleted:
         payload["deleted"] = True
     return payload

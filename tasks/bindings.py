@@ -23,6 +23,7 @@ from media_app.jobs import Queue
 from media_app.services import output_key_for, rendition_put, renditions_replace
 from pipelines import av, chunked, images
 from pipelines.detect import Detected, detect
+from pipelines.placeholder import thumbhash_file
 from pipelines.profiles import Profiles
 from pipelines.results import Output
 from pipelines.sniff import Sniffed
@@ -221,7 +222,7 @@ def _previews(ctx: StageContext) -> Any:
         if out.role == "thumbnail":
             key = output_key_for(ctx.item_id, out.file)
             _put(ctx.out_dir / out.file, key)
-            rendition_put(item_id=ctx.item_id, rendition=_record(out, key))
+            rendition_put(item_id=ctx.item_id, rendition=_record(out, key, ctx.out_dir / out.file))
     board = av.storyboards(demuxed, ctx.dir("demux"), ctx.out_dir, profiles=profiles(), limits=_limits())
     return dataclasses.replace(result, outputs=(*result.outputs, *board))
 
@@ -261,14 +262,23 @@ def store(ctx: StageContext) -> StoreResult:
         for out in outputs:
             key = output_key_for(ctx.item_id, prefix + out.file)
             _put(ctx.dir(stage) / out.file, key)
-            records.append(_record(out, key))
+            records.append(_record(out, key, ctx.dir(stage) / out.file))
     renditions_replace(item_id=ctx.item_id, renditions=records)
     return StoreResult(tuple(r["storage_key"] for r in records))
 
 
-def _record(out: Output, key: str) -> dict[str, Any]:
-    """A rendition row as ``store`` and ``previews`` write it."""
+# Outputs that get a ThumbHash placeholder: a video's poster, an image's WebP (Pillow reads it).
+PLACEHOLDER_ROLES = ("thumbnail", "image_webp")
+
+
+def _record(out: Output, key: str, path: Path | None = None) -> dict[str, Any]:
+    """A rendition row as ``store`` and ``previews`` write it; a picture's ThumbHash is taken from
+    the encoded file itself (``path``), so it shows what the page will load."""
+    placeholder = ""
+    if path is not None and out.role in PLACEHOLDER_ROLES:
+        placeholder = thumbhash_file(path)
     return {
+        "placeholder": placeholder,
         "role": out.role,
         "storage_key": key,
         "content_type": out.content_type,

@@ -106,6 +106,9 @@ class OutputFileOutput(serializers.Serializer):
     height = serializers.IntegerField(allow_null=True)
     duration = serializers.FloatField(allow_null=True)
     bytes = serializers.IntegerField()
+    placeholder = serializers.CharField(
+        allow_blank=True, help_text="ThumbHash (base64) of a picture output (thumbnail, image WebP); empty otherwise."
+    )
     url = serializers.URLField(help_text="Signed and expiring, no credentials needed (a DASH manifest: its folder).")
     url_expires_at = serializers.DateTimeField()
 
@@ -158,6 +161,11 @@ class MediaItemOutput(serializers.Serializer):
 
 class MediaItemDetailOutput(MediaItemOutput):
     outputs = OutputFileOutput(many=True, required=False, help_text="Once Completed.")
+    placeholder = serializers.CharField(
+        allow_null=True,
+        required=False,
+        help_text="ThumbHash (base64) to paint until the poster or image loads; null until one is taken.",
+    )
     upload = OpenUploadOutput(required=False, help_text="While the upload is open.")
 
 

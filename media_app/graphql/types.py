@@ -19,6 +19,7 @@ from media_app.graphql.errors import call_sync
 from media_app.models import MediaItem as MediaItemModel
 from media_app.models import MediaKind as MediaKindChoices
 from media_app.models import MediaStatus
+from media_app.selectors import media_item_placeholder
 
 
 def _parse_big_int(value: Any) -> int:
@@ -79,6 +80,9 @@ class MediaOutput:
     height: int | None
     duration: float | None = strawberry.field(description="Seconds of audio/video.")
     bytes: BigInt
+    placeholder: str | None = strawberry.field(
+        default=None, description="ThumbHash (base64) of a picture output (thumbnail, image WebP)."
+    )
 
 
 @strawberry.type(description="An uploaded file and what became of it.")
@@ -109,6 +113,16 @@ class MediaItem:
     finished_at: datetime | None
     # Outputs already in the payload (a broadcast, a detail read); None means "load if asked".
     preloaded_outputs: strawberry.Private[list[MediaOutput] | None] = None
+    # The placeholder, when the payload carried it (a page of items does not: loaded if asked).
+    preloaded_placeholder: strawberry.Private[tuple[str | None] | None] = None
+
+    @strawberry.field(
+        description="ThumbHash (base64) to paint until the poster or image loads; null until a picture is taken."
+    )
+    async def placeholder(self, info: strawberry.Info) -> str | None:
+        if self.preloaded_placeholder is not None:
+            return self.preloaded_placeholder[0]
+        return await call_sync(info.context, _load_placeholder, str(self.id))
 
     @strawberry.field(description="The output files; empty until the item is Completed.")
     async def outputs(self, info: strawberry.Info) -> list[MediaOutput]:
@@ -117,6 +131,10 @@ class MediaItem:
         if self.processing_status != ProcessingStatus.Completed:
             return []
         return await call_sync(info.context, _load_outputs, str(self.id))
+
+
+def _load_placeholder(context: Any, item_id: str) -> str | None:
+    return media_item_placeholder(item_id=item_id)
 
 
 def _load_outputs(context: Any, item_id: str) -> list[MediaOutput]:
@@ -137,6 +155,7 @@ def outputs_from_detail(detail: dict[str, Any]) -> list[MediaOutput]:
             height=out["height"],
             duration=out["duration"],
             bytes=out["bytes"],
+            placeholder=out.get("placeholder") or None,
         )
         for out in detail.get("outputs", [])
     ]
@@ -176,6 +195,7 @@ def media_item_from_payload(payload: dict[str, Any], *, outputs: list[MediaOutpu
         started_at=_when(payload["started_at"]),
         finished_at=_when(payload["finished_at"]),
         preloaded_outputs=outputs,
+        preloaded_placeholder=(payload["placeholder"],) if "placeholder" in payload else None,
     )
 
 

@@ -57,4 +57,4 @@ def test_the_thumbnail_downloads_while_the_item_is_still_encoding(
     assert final.status == "Completed", (final.error_code, final.error_message)
     # One set of outputs at the end: the early thumbnail was replaced, not doubled.
     roles = list(final.renditions.exclude(role="segment").values_list("role", flat=True))
-    assert sorted(roles) == ["manifest", "thumbnail", "video"]
+    assert sorted(roles) == ["manifest", "storyboard", "storyboard_vtt", "thumbnail", "video"]
