@@ -35,7 +35,7 @@ def browser(asgi_server: Any, celery_worker: Any, e2e_user: Any, session_cookie:
 
 def test_record_five_seconds_from_the_camera_stop_and_watch_it_play(logged_in_page, shots, traffic):
     page = logged_in_page
-    page.get_by_role("button", name="Record").click()
+    page.get_by_role("button", name="Record", exact=True).click()
     preview = page.get_by_label("Camera preview")
     expect(preview).to_be_visible()
     page.wait_for_function("v => v.readyState >= 2 && v.videoWidth > 0", arg=preview.element_handle())
@@ -79,3 +79,20 @@ def test_record_five_seconds_from_the_camera_stop_and_watch_it_play(logged_in_pa
     # The recorder fits a phone's width too.
     page.set_viewport_size({"width": 375, "height": 812})
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+
+def test_record_the_screen(logged_in_page, shots):
+    """The screen (here headless Chromium's own) with the fake microphone."""
+    page = logged_in_page
+    page.get_by_role("button", name="Record screen").click()
+    expect(page.get_by_label("Screen preview")).to_be_visible()
+    card = page.locator("#uploads .card").first
+    expect(card.locator("[data-name]")).to_have_text("Screen recording")
+    expect(page.locator("#record-elapsed")).to_have_text("0:03", timeout=20_000)
+    page.get_by_role("button", name="Stop").click()
+    expect(card.locator("[data-badge]")).to_have_text("Completed", timeout=120_000)
+    item_id = card.get_attribute("data-item-id")
+    detail = page.request.get(f"/api/media/{item_id}").json()
+    video = {o["role"]: o for o in detail["outputs"]}["video"]
+    assert 2.0 <= video["duration"] <= 4.5 and video["codec"] == "av1+opus", video
+    shots.take(page, "screen-recorded")

@@ -539,13 +539,13 @@
 
     // Recording side (a camera recording published from this page) ---------------------------
 
-    recording() {
+    recording(source) {
       this.phase = "recording";
       this.setState("uploading");
       this.setBadge("Recording", "busy");
       this.q('[data-box="upload"] [data-label]').textContent = "Recording";
       this.q('[data-bar="upload"]').removeAttribute("value"); // live: no end to measure against
-      this.q("[data-meta]").textContent = "Live from your camera";
+      this.q("[data-meta]").textContent = source === "screen" ? "Live from your screen" : "Live from your camera";
       this.cancelButton.hidden = true; // Stop (above) ends it
     }
 
@@ -1258,6 +1258,7 @@
   const recorder = {
     box: document.getElementById("recorder"),
     button: document.getElementById("record"),
+    screenButton: document.getElementById("record-screen"),
     panel: document.getElementById("recording"),
     preview: document.getElementById("record-preview"),
     elapsed: document.getElementById("record-elapsed"),
@@ -1287,17 +1288,36 @@
       if (this.card) this.card.bar("upload", null, `Recording · ${text}`);
     },
 
-    async start() {
+    async open(source) {
+      if (source !== "screen") {
+        return navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 1280 }, height: { ideal: 720 } }, audio: true });
+      }
+      const stream = await navigator.mediaDevices.getDisplayMedia({ video: true, audio: true });
+      if (!stream.getAudioTracks().length) {
+        // Most screens share no sound: the microphone speaks over it, if it may.
+        try {
+          const mic = await navigator.mediaDevices.getUserMedia({ audio: true });
+          for (const track of mic.getAudioTracks()) stream.addTrack(track);
+        } catch (err) { /* a silent screen recording, then */ }
+      }
+      return stream;
+    },
+
+    async start(source = "camera") {
       this.error("");
-      this.button.disabled = true;
+      this.button.disabled = this.screenButton.disabled = true;
+      this.source = source;
       try {
-        this.stream = await navigator.mediaDevices.getUserMedia({
-          video: { width: { ideal: 1280 }, height: { ideal: 720 } }, audio: true,
-        });
+        this.stream = await this.open(source);
       } catch (err) {
-        this.fail(`The camera could not be opened (${err.name}): allow the camera and microphone, then try again.`);
+        const what = source === "screen" ? "The screen could not be shared" : "The camera could not be opened";
+        this.fail(`${what} (${err.name}): allow it, then try again.`);
         return;
       }
+      // Ending the share from the browser's own bar is a Stop.
+      const video = this.stream.getVideoTracks()[0];
+      if (video) video.addEventListener("ended", () => { if (this.startedAt && !this.stopButton.disabled) this.stop(); });
+      this.preview.setAttribute("aria-label", source === "screen" ? "Screen preview" : "Camera preview");
       this.preview.srcObject = this.stream;
       this.panel.hidden = false;
       this.elapsed.textContent = "Connecting…";
@@ -1335,10 +1355,10 @@
         }
       });
       const itemId = itemIdFromUrl(this.location);
-      const card = new Card({ name: "Camera recording", size: 0, session: true });
+      const card = new Card({ name: source === "screen" ? "Screen recording" : "Camera recording", size: 0, session: true });
       uploadsList.prepend(card.node);
       card.claim(itemId);
-      card.recording();
+      card.recording(source);
       this.card = card;
       library.updateEmpty();
       this.tick();
@@ -1368,7 +1388,7 @@
       this.preview.srcObject = null;
       this.pc = this.stream = this.location = null;
       this.panel.hidden = true;
-      this.button.disabled = false;
+      this.button.disabled = this.screenButton.disabled = false;
       this.error(message);
       if (this.card) this.card.recorded(seconds);
       this.card = null;
@@ -1400,10 +1420,15 @@
   }
 
   if (recorder.supported()) {
-    recorder.button.addEventListener("click", () => recorder.start());
+    recorder.button.addEventListener("click", () => recorder.start("camera"));
+    if (navigator.mediaDevices.getDisplayMedia) {
+      recorder.screenButton.addEventListener("click", () => recorder.start("screen"));
+    } else {
+      recorder.screenButton.hidden = true; // phones: no screen to share
+    }
     recorder.stopButton.addEventListener("click", () => recorder.stop());
   } else {
-    recorder.button.disabled = true;
+    recorder.button.disabled = recorder.screenButton.disabled = true;
     recorder.error("This browser cannot record from a camera (no WebRTC).");
   }
 
