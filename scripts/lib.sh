@@ -256,3 +256,11 @@ rabbit_reap_throwaways() {
     rabbit_stop_throwaway
   done
 }
+
+# --- ffmpeg.wasm for the upload page ------------------------------------------------------------
+
+# The pinned npm packages (frontend/ffmpeg/package-lock.json, sha512-checked) unpacked into the
+# ignored media_app/static/media_app/wasm/; a no-op when they are there already. No Node needed.
+ensure_wasm() {
+  "$PY" "$ROOT/scripts/fetch_wasm.py"
+}

@@ -20,6 +20,8 @@ if ! redis_reachable "$redis_url"; then
   # Append-only persistence: queued work survives a restart of this embedded Redis.
   echo "redis: redis-server --bind 127.0.0.1 --port $port --dir $ROOT/.data/redis --save '' --appendonly yes" >>"$procfile"
 fi
+log "checking ffmpeg.wasm for the upload page (npm packages, pinned)"
+ensure_wasm
 log "bringing the database up to date (migrate)"
 python manage.py migrate --noinput
 log "collecting static files"

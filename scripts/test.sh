@@ -23,6 +23,8 @@ ensure_venv
 redis_reachable || ensure_redis_binary
 # Browser tests (tests/e2e) drive Debian's chromium through Playwright.
 command -v chromium >/dev/null || { log "installing chromium"; apt_install chromium; }
+# The upload page's ffmpeg.wasm (tests/e2e/test_wasm.py), from the npm registry, pinned.
+ensure_wasm
 # The no-file-access proof for hostile ffmpeg inputs traces ffmpeg's system calls.
 command -v strace >/dev/null || { log "installing strace"; apt_install strace; }
 
