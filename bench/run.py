@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.harness import CACHE, REAL, RESULTS, Report, Row, TreeSampler, fmt, load, machine, section, setup_django
 
-SECTIONS = ("video", "audio", "images", "thumbnails", "throughput", "websocket", "chunked", "tus")
+SECTIONS = ("video", "ladder", "audio", "images", "thumbnails", "throughput", "websocket", "chunked", "tus")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import av, images, live, stack, throughput
     from bench.chunked import chunked_section
+    from bench.ladder import ladder_section
     from bench.profile import WorkerProfile, summarize
     from tests.conftest import AsgiServer, Worker
 
@@ -112,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                         vmaf_subsample=plan.vmaf_subsample if av.vmaf_available() else 0,
                     ),
                 )  # fmt: skip
+            attempt(
+                "ladder",
+                lambda: ladder_section(
+                    report, owner, reps=1 if args.quick else 2,
+                    vmaf_subsample=plan.vmaf_subsample if av.vmaf_available() else 0,
+                ),
+            )  # fmt: skip
             attempt("audio", lambda: av.audio_section(report, owner, reps=plan.audio_reps), profile=True)
             attempt(
                 "images",

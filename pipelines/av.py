@@ -29,7 +29,7 @@ import ffmpeg
 
 from pipelines.detect import Detected
 from pipelines.errors import Cancelled, InvalidInput, MediaError, TooLarge, UnsupportedCodec
-from pipelines.ladder import Rung, plan_ladder
+from pipelines.ladder import TOP, Rung, plan_ladder
 from pipelines.probe import MediaInfo, StreamInfo, check_limits, codec_allowed, probe
 from pipelines.profiles import AudioProfile, Limits, Profiles
 from pipelines.results import Output
@@ -731,11 +731,14 @@ def ladder_graph(video_filter: str, rungs: tuple[Rung, ...], *, source: str = "[
 def rung_codec_args(rung: Rung, video: VideoPlan, profiles: Profiles, key_frames: str) -> list[str]:
     """The encoder's options for one rung: AV1 as ``video_codec_args`` with the rung's cap, or
     VP9 (libvpx-vp9, constrained quality, the same GOP and forced key frames)."""
-    if rung.codec == "av1":
-        return video_codec_args(dataclasses.replace(video, max_bitrate=rung.max_bitrate), profiles, key_frames)
     vp = profiles.video
+    if rung.codec == "av1":
+        if rung.file != TOP and vp.ladder_preset_step:
+            faster = dataclasses.replace(vp, preset=min(13, vp.preset + vp.ladder_preset_step))
+            profiles = dataclasses.replace(profiles, video=faster)
+        return video_codec_args(dataclasses.replace(video, max_bitrate=rung.max_bitrate), profiles, key_frames)
     args = [
-        "-c:v", "libvpx-vp9", "-deadline", "good", "-cpu-used", str(vp.vp9_cpu_used), "-row-mt", "1",
+        "-c:v", "libvpx-vp9", "-deadline", vp.vp9_deadline, "-cpu-used", str(vp.vp9_cpu_used), "-row-mt", "1",
         "-crf", str(vp.vp9_crf), "-b:v", str(rung.max_bitrate), "-pix_fmt", vp.pix_fmt,
         "-color_range", video.color_range, "-g", str(video.gop), "-force_key_frames", key_frames,
     ]  # fmt: skip

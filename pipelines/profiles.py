@@ -40,10 +40,14 @@ class VideoProfile:
     # The VP9 fallback (libvpx-vp9) for browsers without AV1: its rungs (those not above the
     # planned size; a smaller source gets its own size and halves, to ``vp9_min_rungs``), its
     # CRF and speed. Measured in docs/decisions.md.
-    vp9_ladder: tuple[tuple[int, int], ...] = ((720, 2500), (360, 700))
+    vp9_ladder: tuple[tuple[int, int], ...] = ((360, 800), (240, 400))
+    # The AV1 rungs below the top at a faster SVT-AV1 preset (preset + this, at most 13): they
+    # are the fallback for slow networks, and the ladder must cost little more than its pixels.
+    ladder_preset_step: int = 2
     vp9_min_rungs: int = 2
-    vp9_crf: int = 36
-    vp9_cpu_used: int = 5
+    vp9_crf: int = 40
+    vp9_deadline: str = "realtime"
+    vp9_cpu_used: int = 8
 
 
 @dataclass(frozen=True)
