@@ -14,10 +14,12 @@ from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.templatetags.static import static
 from django.urls import reverse, reverse_lazy
 from django.views.decorators.csrf import ensure_csrf_cookie
 
-from pipelines.sniff import ALIASES_BY_MIME, EXTENSIONS_BY_MIME, FORMATS
+from pipelines.errors import InvalidInput
+from pipelines.sniff import ALIASES_BY_MIME, EXTENSIONS_BY_MIME, FORMATS, sniff_bytes
 
 # File name endings a browser may report for each accepted type (a browser's own guess of the
 # type is often empty, e.g. for .mkv or .heic), and other names browsers give the same types:
@@ -29,7 +31,22 @@ _EXT = EXTENSIONS_FOR_TYPE
 
 LOGIN_URL = reverse_lazy("login")
 # Bumped when page.js or page.css change, so browsers do not keep an old copy.
-ASSET_VERSION = "4"
+ASSET_VERSION = "5"
+
+# ffmpeg.wasm in the page (scripts/fetch_wasm.py installs it; frontend/ffmpeg pins the versions).
+WASM_FFMPEG = "media_app/wasm/ffmpeg-0.12.15/dist/esm/index.js"
+WASM_CORE = "media_app/wasm/core-0.12.10/dist/esm/ffmpeg-core"
+WASM_WORKERS = 2  # probes and cuts at once; each worker holds its own core (~60 MB)
+
+
+def not_media_sentence() -> str:
+    """The sentence the server's sniffer gives bytes that are no media, for the page to show the
+    same one when the browser finds a picked file is not media (so the two never drift apart)."""
+    try:
+        sniff_bytes(b"This is plain text, not media.\n")
+    except InvalidInput as exc:
+        return exc.message
+    raise AssertionError("the sniffer accepted plain text")
 
 
 def page_config(request: HttpRequest) -> dict[str, Any]:
@@ -58,6 +75,13 @@ def page_config(request: HttpRequest) -> dict[str, Any]:
             "ws": "/ws/media/",
         },
         "user": request.user.get_username(),
+        "wasm": {
+            "ffmpeg": static(WASM_FFMPEG),
+            "core": static(f"{WASM_CORE}.js"),
+            "wasm": static(f"{WASM_CORE}.wasm"),
+            "workers": WASM_WORKERS,
+            "not_media": not_media_sentence(),
+        },
     }
 
 

@@ -275,7 +275,8 @@
 
     setMeta() {
       const parts = [formatBytes(this.size)];
-      if (this.item && this.item.kind) parts.push(this.item.kind);
+      if (this.probed) parts.push(this.probed); // what the browser read of the file (ffmpeg.wasm)
+      else if (this.item && this.item.kind) parts.push(this.item.kind);
       if (this.item && this.item.created_at && !this.session) {
         parts.push(new Date(this.item.created_at).toLocaleString());
       }
@@ -1208,12 +1209,117 @@
         card.refuse(refusal);
         announce(`${file.name} was not sent: ${refusal}`);
       } else {
-        queue.add(card);
+        check(card, file);
       }
     }
     unfinished.picked(list);
     if (list.length > 1) announce(`${list.length} files added`);
     library.updateEmpty();
+  }
+
+  // --- checked and cut in the browser (ffmpeg.wasm in Web Workers: wasm-pool.js) ----------------
+  // Each picked file is probed before a byte is sent: not media is refused here with the server's
+  // own sentence, and nothing is created on the server; what the probe found fills the card. With
+  // "Edit before upload", a video waits for a start and an end and only the cut part is sent.
+
+  const wasm = window.cpcWasm && window.cpcWasm.supported ? window.cpcWasm : null;
+  const editFirst = document.getElementById("edit-first");
+  if (!wasm) {
+    editFirst.disabled = true;
+    document.getElementById("edit-hint").textContent = "This browser cannot run ffmpeg in the page (no "
+      + "WebAssembly or Web Workers): files are checked by the server when they arrive, and cannot be cut here.";
+  }
+
+  async function check(card, file) {
+    if (!wasm) { queue.add(card); return; }
+    queue.cards.push(card); // keeps its place in line while it is read
+    card.phase = "checking";
+    card.setState("checking");
+    card.setBadge("Checking", "busy");
+    card.setCancelLabel("Remove");
+    card.note("Reading the file in your browser…");
+    let info;
+    try {
+      const image = await wasm.imageType(file);
+      info = image ? { media: true, kind: "image", label: `Image · ${image}` } : await wasm.probe(file);
+    } catch (err) {
+      // ffmpeg.wasm did not start or gave up: the server checks the file, as without it.
+      if (card.phase !== "checking") return;
+      card.note("Not checked in the browser (ffmpeg.wasm failed); the server checks it.");
+      card.enqueue();
+      return;
+    }
+    if (card.phase !== "checking") return; // removed while it was read
+    card.note("");
+    if (!info.media) {
+      card.file = null;
+      queue.cards.splice(queue.cards.indexOf(card), 1);
+      queue.update();
+      card.refuse(wasm.notMedia);
+      announce(`${card.name} was not sent: ${wasm.notMedia}`);
+      return;
+    }
+    card.probed = info.label || wasm.describe(info);
+    card.setMeta();
+    if (editFirst.checked && info.kind === "video" && info.duration) editCut(card, file, info);
+    else card.enqueue();
+  }
+
+  function editCut(card, file, info) {
+    card.phase = "editing";
+    card.setState("editing");
+    card.setBadge("Waiting for you", "wait");
+    const field = (label, id, value) => el("label", { class: "cut-field", for: id }, [
+      el("span", { text: label }),
+      el("input", { id, type: "number", min: "0", max: String(info.duration), step: "0.1", value, required: true }),
+    ]);
+    const startId = `cut-start-${card.n}`;
+    const endId = `cut-end-${card.n}`;
+    const button = el("button", { type: "submit", class: "button primary", text: "Upload" });
+    button.setAttribute("aria-label", `Upload the cut of ${card.name}`);
+    const form = el("form", { class: "cut", "aria-label": `Cut ${card.name}` }, [
+      field("Start (s)", startId, "0"),
+      field("End (s)", endId, String(Math.floor(info.duration * 10) / 10)),
+      button,
+      el("p", { class: "hint", text: `The file is ${Math.round(info.duration * 10) / 10} s long. The cut starts at the key frame at or before Start.` }),
+    ]);
+    card.q("[data-error]").before(form);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const start = Number(form.querySelector(`#${startId}`).value);
+      const end = Number(form.querySelector(`#${endId}`).value);
+      if (!(start >= 0 && end > start && end <= info.duration + 0.05)) {
+        card.error(`Start and End must be between 0 and ${Math.round(info.duration * 10) / 10} s, with End after Start.`);
+        return;
+      }
+      card.error("");
+      for (const node of form.elements) node.disabled = true;
+      card.setBadge("Cutting", "busy");
+      card.note("Cutting in your browser (no re-encoding)…");
+      let cut;
+      let cutInfo;
+      try {
+        cut = await wasm.trim(file, start, end);
+        cutInfo = await wasm.probe(cut);
+      } catch (err) {
+        for (const node of form.elements) node.disabled = false;
+        card.setBadge("Waiting for you", "wait");
+        card.note("");
+        card.error(String(err.message || err));
+        return;
+      }
+      if (card.phase !== "editing") return; // removed meanwhile
+      form.remove();
+      card.note("");
+      card.file = cut;
+      card.name = cut.name;
+      card.size = cut.size;
+      card.q("[data-name]").textContent = cut.name;
+      card.probed = wasm.describe(cutInfo);
+      card.setMeta();
+      announce(`${cut.name}: cut, ${formatBytes(cut.size)}, waiting to send`);
+      card.enqueue();
+    });
   }
 
   const dropzone = document.getElementById("dropzone");
