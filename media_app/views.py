@@ -18,8 +18,8 @@ from django.templatetags.static import static
 from django.urls import reverse, reverse_lazy
 from django.views.decorators.csrf import ensure_csrf_cookie
 
-from pipelines.errors import InvalidInput
-from pipelines.sniff import ALIASES_BY_MIME, EXTENSIONS_BY_MIME, FORMATS, sniff_bytes
+from pipelines.errors import InvalidInput, UnsupportedCodec
+from pipelines.sniff import _REFUSED, _REFUSED_BRANDS, ALIASES_BY_MIME, EXTENSIONS_BY_MIME, FORMATS, sniff_bytes
 
 # File name endings a browser may report for each accepted type (a browser's own guess of the
 # type is often empty, e.g. for .mkv or .heic), and other names browsers give the same types:
@@ -39,14 +39,31 @@ WASM_CORE = "media_app/wasm/core-0.12.10/dist/esm/ffmpeg-core"
 WASM_WORKERS = 2  # probes and cuts at once; each worker holds its own core (~60 MB)
 
 
+def refused_heads() -> list[dict[str, Any]]:
+    """The magic numbers the sniffer refuses by name, each with the sentence it gives (asked of
+    the sniffer itself): the page refuses such a file, when ffmpeg.wasm finds no media in it,
+    with the server's words rather than the general one."""
+    heads = []
+    for magic, _name in _REFUSED:
+        heads.append({"at": 0, "hex": magic.hex(), "sentence": _sentence(magic + bytes(64))})
+    for brand in _REFUSED_BRANDS:
+        box = b"\x00\x00\x00\x18ftyp" + brand + bytes(64)
+        heads.append({"at": 4, "hex": (b"ftyp" + brand).hex(), "sentence": _sentence(box)})
+    return heads
+
+
+def _sentence(head: bytes) -> str:
+    try:
+        sniff_bytes(head)
+    except (InvalidInput, UnsupportedCodec) as exc:
+        return exc.message
+    raise AssertionError(f"the sniffer accepted {head[:16]!r}")
+
+
 def not_media_sentence() -> str:
     """The sentence the server's sniffer gives bytes that are no media, for the page to show the
     same one when the browser finds a picked file is not media (so the two never drift apart)."""
-    try:
-        sniff_bytes(b"This is plain text, not media.\n")
-    except InvalidInput as exc:
-        return exc.message
-    raise AssertionError("the sniffer accepted plain text")
+    return _sentence(b"This is plain text, not media.\n")
 
 
 def page_config(request: HttpRequest) -> dict[str, Any]:
@@ -81,6 +98,7 @@ def page_config(request: HttpRequest) -> dict[str, Any]:
             "wasm": static(f"{WASM_CORE}.wasm"),
             "workers": WASM_WORKERS,
             "not_media": not_media_sentence(),
+            "refused_heads": refused_heads(),
         },
     }
 

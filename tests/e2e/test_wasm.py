@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 
 from media_app.views import WASM_CORE, WASM_FFMPEG, not_media_sentence
+from pipelines.errors import InvalidInput, UnsupportedCodec
 from pipelines.runner import ffmpeg_exe
+from pipelines.sniff import HEAD_BYTES, sniff_bytes
+from tests.conftest import TESTDATA
 from tests.e2e.test_graphiql import confine_to
 from tests.env_plugin import ROOT
 
@@ -69,8 +72,8 @@ def test_a_text_file_named_mp4_is_refused_in_the_browser_and_nothing_is_created(
 
     assert "/api/tus/" not in traffic.paths("POST")
     assert page.request.get("/api/media/").json()["results"] == []
-    # It was ffmpeg.wasm that read it: the core came from our static files, nothing from elsewhere.
-    assert any(p.endswith("ffmpeg-core.wasm") for p in traffic.paths())
+    # Its first bytes were enough: the 32 MB core is loaded only for a file that needs a probe.
+    assert not any(p.endswith("ffmpeg-core.wasm") for p in traffic.paths())
     assert elsewhere == [] and traffic.hosts() == {"127.0.0.1"}
     assert traffic.errors == []
 
@@ -119,3 +122,39 @@ def test_probe_fills_the_card_then_a_cut_in_the_browser_is_uploaded_and_processe
     print(f"\nffmpeg.wasm (ms): core loads {stats['loads']}, probes {stats['probes']}, trims {stats['trims']}")
     assert elsewhere == [] and traffic.hosts() == {"127.0.0.1"}
     assert traffic.errors == []
+
+
+def server_verdict(path: Path) -> str | None:
+    """What the server's sniffer says of the file's first bytes: None (accepted) or its sentence."""
+    try:
+        sniff_bytes(path.read_bytes()[:HEAD_BYTES])
+    except (InvalidInput, UnsupportedCodec) as exc:
+        return exc.message
+    return None
+
+
+def test_the_browser_refuses_only_what_the_server_refuses_and_in_its_words(logged_in_page, traffic):
+    """Every real file and every hostile one of the shared test data, checked in the page as a
+    picked file is: a real file is never refused, and a file the page refuses is one the server
+    refuses too, with the same sentence."""
+    page = logged_in_page
+    files = sorted(p for folder in ("real", "hostile") for p in (TESTDATA / folder).iterdir() if p.stat().st_size)
+    page.evaluate(
+        "document.body.append(Object.assign(document.createElement('input'), {type: 'file', id: 'x', multiple: true}))"
+    )
+    page.set_input_files("#x", [str(p) for p in files])
+    verdicts = page.evaluate(
+        "async () => { const out = []; for (const f of document.getElementById('x').files) {"
+        " const c = await window.cpcWasm.check(f); out.push(c.refused || null); } return out; }"
+    )
+    refused_here = {p.parent.name + "/" + p.name: v for p, v in zip(files, verdicts, strict=True) if v}
+    assert not [name for name in refused_here if name.startswith("real/")], refused_here
+    wrong = {name: (said, server_verdict(TESTDATA / name)) for name, said in refused_here.items()}
+    wrong = {name: pair for name, pair in wrong.items() if pair[0] != pair[1]}
+    assert wrong == {}, f"refused in the page with other words than the server's (page, server): {wrong}"
+    # Every file the server refuses from its first bytes never leaves the browser, and neither do
+    # the text files dressed as media (SVG, PHP, MVG, playlists) among them.
+    refused_by_server = {p.parent.name + "/" + p.name for p in files if server_verdict(p)}
+    assert set(refused_here) == refused_by_server
+    assert {"hostile/php_shell.jpg.php", "hostile/imagemagick_local_file.svg"} <= set(refused_here)
+    assert "/api/tus/" not in traffic.paths("POST")

@@ -1238,10 +1238,9 @@
     card.setBadge("Checking", "busy");
     card.setCancelLabel("Remove");
     card.note("Reading the file in your browser…");
-    let info;
+    let checked;
     try {
-      const image = await wasm.imageType(file);
-      info = image ? { media: true, kind: "image", label: `Image · ${image}` } : await wasm.probe(file);
+      checked = await wasm.check(file);
     } catch (err) {
       // ffmpeg.wasm did not start or gave up: the server checks the file, as without it.
       if (card.phase !== "checking") return;
@@ -1251,15 +1250,17 @@
     }
     if (card.phase !== "checking") return; // removed while it was read
     card.note("");
-    if (!info.media) {
+    if (checked.refused) {
       card.file = null;
       queue.cards.splice(queue.cards.indexOf(card), 1);
       queue.update();
-      card.refuse(wasm.notMedia);
-      announce(`${card.name} was not sent: ${wasm.notMedia}`);
+      card.refuse(checked.refused);
+      announce(`${card.name} was not sent: ${checked.refused}`);
       return;
     }
-    card.probed = info.label || wasm.describe(info);
+    const info = checked.info;
+    card.probed = info.label; // "" when ffmpeg.wasm could not read it: the server will say
+    if (!info.media) card.note("Your browser could not read this file; the server checks it.");
     card.setMeta();
     if (editFirst.checked && info.kind === "video" && info.duration) editCut(card, file, info);
     else card.enqueue();

@@ -200,7 +200,51 @@
     return null;
   }
 
+  // What the page does with a picked file before sending it: { refused: sentence } or { info }.
+  // The verdict is the server's: bytes its sniffer can never accept are refused here with the
+  // sentence it gives them (the named formats' or the general "not media" one), before the core
+  // is even loaded. ffmpeg.wasm alone would not do: its image2 demuxer takes a text file named
+  // .jpg for a JPEG, and it finds no stream in files the server accepts and judges later.
+  // Everything else is probed by ffmpeg.wasm, for the card and for cutting.
+  async function check(file) {
+    const image = await imageType(file);
+    if (image) return { info: { media: true, kind: "image", label: `Image · ${image}` } };
+    const head = new Uint8Array(await file.slice(0, 4096).arrayBuffer());
+    if (!mayBeAccepted(head)) {
+      const hex = Array.from(head.slice(0, 64), (b) => b.toString(16).padStart(2, "0")).join("");
+      const named = (config.refused_heads || []).find((h) => hex.startsWith(h.hex, h.at * 2));
+      return { refused: named ? named.sentence : config.not_media };
+    }
+    const info = await probe(file);
+    // No stream found: this ffmpeg build cannot read it, or it is damaged; the server will say.
+    return { info: { ...info, label: info.media ? describe(info) : "" } };
+  }
+
+  // A superset of the first bytes pipelines/sniff.py accepts (or answers with another sentence
+  // than "not media"): container magic numbers, tags in front of audio, MPEG sync words.
+  // tests/e2e/test_wasm.py checks the page against the server on the shared test files.
+  function mayBeAccepted(h) {
+    const at = (i, text) => text.split("").every((c, k) => h[i + k] === c.charCodeAt(0));
+    const u32 = (i) => ((h[i] << 24) | (h[i + 1] << 16) | (h[i + 2] << 8) | h[i + 3]) >>> 0;
+    if (["RIFF", "RIFX", "RF64", "BW64", "riff", "OggS", "fLaC", "FORM", "caff", "wvpk", "#!AMR", "FLV", "ID3",
+      "APETAGEX"].some((m) => at(0, m))) return true;
+    if (["ftyp", "moov", "mdat", "wide", "free", "skip", "pnot", "junk", "uuid"].some((m) => at(4, m))) return true;
+    if (u32(0) === 0x1a45dfa3 || u32(0) === 0x060e2b34 || u32(0) === 0x000001ba || u32(0) === 0x000001b3) return true;
+    if (h[0] === 0x0b && h[1] === 0x77) return true; // AC-3
+    if (h[0] === 0xff && (h[1] & 0xe0) === 0xe0) return true; // MP3 / ADTS AAC frame sync
+    for (const stride of [188, 192, 204]) { // MPEG-TS: 0x47 at a packet stride
+      for (let start = 0; start < Math.min(stride, h.length); start += 1) {
+        if (h[start] !== 0x47) continue;
+        let hits = 0;
+        let count = 0;
+        for (let p = start; p < h.length; p += stride) { count += 1; if (h[p] === 0x47) hits += 1; }
+        if (hits >= 3 && hits >= count - Math.floor(count / 10)) return true;
+      }
+    }
+    return false;
+  }
+
   window.cpcWasm = {
-    supported, probe, trim, imageType, parseProbe, describe, stats, size: SIZE, notMedia: config.not_media,
+    supported, check, probe, trim, imageType, parseProbe, describe, stats, size: SIZE, notMedia: config.not_media,
   };
 })();
