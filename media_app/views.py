@@ -19,7 +19,14 @@ from django.urls import reverse, reverse_lazy
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from pipelines.errors import InvalidInput, UnsupportedCodec
-from pipelines.sniff import _REFUSED, _REFUSED_BRANDS, ALIASES_BY_MIME, EXTENSIONS_BY_MIME, FORMATS, sniff_bytes
+from pipelines.sniff import (
+    ALIASES_BY_MIME,
+    EXTENSIONS_BY_MIME,
+    FORMATS,
+    REFUSED_BRANDS,
+    REFUSED_SIGNATURES,
+    sniff_bytes,
+)
 
 # File name endings a browser may report for each accepted type (a browser's own guess of the
 # type is often empty, e.g. for .mkv or .heic), and other names browsers give the same types:
@@ -44,9 +51,9 @@ def refused_heads() -> list[dict[str, Any]]:
     the sniffer itself): the page refuses such a file, when ffmpeg.wasm finds no media in it,
     with the server's words rather than the general one."""
     heads = []
-    for magic, _name in _REFUSED:
+    for magic, _name in REFUSED_SIGNATURES:
         heads.append({"at": 0, "hex": magic.hex(), "sentence": _sentence(magic + bytes(64))})
-    for brand in _REFUSED_BRANDS:
+    for brand in REFUSED_BRANDS:
         box = b"\x00\x00\x00\x18ftyp" + brand + bytes(64)
         heads.append({"at": 4, "hex": (b"ftyp" + brand).hex(), "sentence": _sentence(box)})
     return heads

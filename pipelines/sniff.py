@@ -126,8 +126,9 @@ def _found(container: str, kind: Kind) -> Sniffed:
     return Sniffed(f.container, f.kind, f.mime, f.ffmpeg_format)
 
 
-# Formats we recognise and refuse by name, so the message says what the file is.
-_REFUSED = [
+# Formats we recognise and refuse by name, so the message says what the file is. Public: the
+# upload page refuses the same files with the same sentences before sending a byte.
+REFUSED_SIGNATURES = [
     (b"II*\x00", "TIFF or camera raw image"),
     (b"MM\x00*", "TIFF or camera raw image"),
     (b"8BPS", "Photoshop document"),
@@ -156,7 +157,7 @@ _REFUSED = [
     (b"\x7fELF", "program"),
     (b"MZ", "Windows program"),
 ]
-_REFUSED_BRANDS = {b"crx ": "Canon raw photo (CR3)", b"jpx ": "JPEG 2000 image", b"jp2 ": "JPEG 2000 image"}
+REFUSED_BRANDS = {b"crx ": "Canon raw photo (CR3)", b"jpx ": "JPEG 2000 image", b"jp2 ": "JPEG 2000 image"}
 
 
 def sniff_bytes(head: bytes) -> Sniffed:
@@ -294,7 +295,7 @@ def _sniff_head(head: bytes) -> Sniffed:
         return _found("mp3", "audio")
     if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0:
         return _found("aac", "audio")
-    for magic, name in _REFUSED:
+    for magic, name in REFUSED_SIGNATURES:
         if head.startswith(magic):
             raise UnsupportedCodec(f"{name[0].upper()}{name[1:]} files are not supported.")
     raise InvalidInput("The file is not a video, audio or image file we can read.")
@@ -304,8 +305,8 @@ def _sniff_ftyp(head: bytes) -> Sniffed:
     major = head[8:12]
     brands = {head[i : i + 4] for i in range(16, min(len(head), int.from_bytes(head[:4], "big")), 4)}
     brands.add(major)
-    if major in _REFUSED_BRANDS:
-        raise UnsupportedCodec(f"{_REFUSED_BRANDS[major]} files are not supported.")
+    if major in REFUSED_BRANDS:
+        raise UnsupportedCodec(f"{REFUSED_BRANDS[major]} files are not supported.")
     if major in HEIF_BRANDS or (brands & HEIF_BRANDS and not brands & {b"isom", b"mp41", b"mp42"}):
         return _found("heif", "image")
     if major in AUDIO_MP4_BRANDS:
