@@ -294,3 +294,54 @@ def make_item(make_user: Callable[..., Any]) -> Callable[..., Any]:
         return item
 
     return make
+
+
+class GroupListener:
+    """Hears a channel-layer group as a web process does: on one event loop of its own (the
+    pub/sub layer ties a channel to the loop that made it), in a thread; ``next`` waits for the
+    next event with a deadline."""
+
+    def __init__(self, group: str) -> None:
+        import asyncio
+        import queue
+        import threading
+
+        from channels.layers import get_channel_layer
+
+        self._events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._ready = threading.Event()
+        self._stop: Any = None
+        self._loop = asyncio.new_event_loop()
+
+        async def listen() -> None:
+            layer = get_channel_layer()
+            channel = await layer.new_channel()
+            await layer.group_add(group, channel)
+            self._stop = asyncio.Event()
+            self._ready.set()
+            receiving = asyncio.ensure_future(self._pump(layer, channel))
+            await self._stop.wait()
+            receiving.cancel()
+            await layer.group_discard(group, channel)
+
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(listen(),), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise AssertionError(f"could not subscribe to {group}")
+
+    async def _pump(self, layer: Any, channel: str) -> None:
+        while True:
+            self._events.put(await layer.receive(channel))
+
+    def next(self, timeout: float) -> dict[str, Any]:
+        import queue
+
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no event within {timeout} s") from None
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)

@@ -8,15 +8,13 @@ import os
 
 import av
 import pytest
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.core.files.storage import default_storage
 from PIL import Image
 
 from media_app import lifecycle
 from media_app.models import MediaItem, StatusEvent
 from media_app.services import item_group, media_processing_start
-from tests.conftest import RUN_DIR, Worker, wait_for
+from tests.conftest import RUN_DIR, GroupListener, Worker, wait_for
 from tests.media import drawn_image, lavfi_audio, lavfi_video
 
 pytestmark = pytest.mark.worker
@@ -71,15 +69,16 @@ def test_each_stage_logs_one_json_line_through_django_logging(celery_worker, mak
 
 
 def test_video_chain_runs_every_stage_in_order_with_rising_progress(celery_worker, make_item, tmp_path):
-    layer = get_channel_layer()
     item = make_item(lavfi_video(tmp_path / "clip.mp4", seconds=3))
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(item_group(item.pk), channel)
+    listener = GroupListener(item_group(item.pk))
     media_processing_start(item=item)
 
     events = []
-    while not events or events[-1]["status"] not in ("Completed", "Failed"):
-        events.append(async_to_sync(_receive)(layer, channel, 90)["item"])
+    try:
+        while not events or events[-1]["status"] not in ("Completed", "Failed"):
+            events.append(listener.next(90)["item"])
+    finally:
+        listener.close()
 
     assert events[-1]["status"] == "Completed", events[-1]
     stages = [e["stage"] for e in events if e["status"] == "Processing"]
@@ -100,12 +99,6 @@ def test_video_chain_runs_every_stage_in_order_with_rising_progress(celery_worke
     assert roles["manifest"] and roles["segment"] and roles["thumbnail"]
     history = list(StatusEvent.objects.filter(item=item).values_list("status", flat=True))
     assert history[0] == "Pending" and history[-1] == "Completed"
-
-
-async def _receive(layer, channel, timeout):
-    import asyncio
-
-    return await asyncio.wait_for(layer.receive(channel), timeout)
 
 
 def test_audio_becomes_opus_webm(celery_worker, make_item, tmp_path):
@@ -192,16 +185,16 @@ def test_a_rerun_after_a_crash_resumes_without_redoing_the_encode(make_item, tmp
 def test_progress_moves_at_least_every_two_seconds_during_a_long_encode(celery_worker, make_item, tmp_path):
     import time
 
-    layer = get_channel_layer()
     item = make_item(lavfi_video(tmp_path / "long.mp4", seconds=12, size="960x540"))
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(item_group(item.pk), channel)
+    listener = GroupListener(item_group(item.pk))
     media_processing_start(item=item)
 
     received: list[tuple[float, dict]] = []
-    while not received or received[-1][1]["status"] not in ("Completed", "Failed"):
-        event = async_to_sync(_receive)(layer, channel, 120)["item"]
-        received.append((time.monotonic(), event))
+    try:
+        while not received or received[-1][1]["status"] not in ("Completed", "Failed"):
+            received.append((time.monotonic(), listener.next(120)["item"]))
+    finally:
+        listener.close()
 
     assert received[-1][1]["status"] == "Completed"
     encode = [(t, e["progress"]) for t, e in received if e["stage"] == "encode"]
