@@ -331,9 +331,11 @@
       node.textContent = text || "";
     }
 
-    setThumb(url) {
+    setThumb(url, placeholder) {
       const img = this.thumb.querySelector("img");
       if (!url || img.getAttribute("src") === url) return;
+      // The ThumbHash is painted behind the picture until it has loaded (issue 18).
+      if (placeholder) paintPlaceholder(img, placeholder);
       img.decoding = "async";
       img.src = url;
       img.hidden = false;
@@ -650,7 +652,7 @@
       const outputs = {};
       for (const out of r.body.outputs || []) outputs[out.role] = out;
       const thumb = outputs.thumbnail || outputs.image_webp;
-      if (thumb) this.setThumb(thumb.url);
+      if (thumb) this.setThumb(thumb.url, r.body.placeholder);
       return r.body;
     }
 
@@ -855,6 +857,187 @@
     for (const card of [...queue.cards]) if (card.phase === "paused") card.togglePause();
   });
 
+  // --- placeholders (ThumbHash), storyboards and the quality menu (issue 18) ------------------
+
+  // Decode a ThumbHash (base64) into a small PNG data URL: the public-domain algorithm, the same
+  // as pipelines/placeholder.py decodes in the tests.
+  function thumbHashDataUrl(b64) {
+    let hash;
+    try { hash = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)); } catch { return null; }
+    if (hash.length < 5) return null;
+    const { PI, min, max, cos, round } = Math;
+    const header24 = hash[0] | (hash[1] << 8) | (hash[2] << 16);
+    const header16 = hash[3] | (hash[4] << 8);
+    const lDc = (header24 & 63) / 63;
+    const pDc = ((header24 >> 6) & 63) / 31.5 - 1;
+    const qDc = ((header24 >> 12) & 63) / 31.5 - 1;
+    const lScale = ((header24 >> 18) & 31) / 31;
+    const hasAlpha = header24 >> 23;
+    const pScale = ((header16 >> 3) & 63) / 63;
+    const qScale = ((header16 >> 9) & 63) / 63;
+    const isLandscape = header16 >> 15;
+    const lx = max(3, isLandscape ? (hasAlpha ? 5 : 7) : header16 & 7);
+    const ly = max(3, isLandscape ? header16 & 7 : (hasAlpha ? 5 : 7));
+    const aDc = hasAlpha ? (hash[5] & 15) / 15 : 1;
+    const aScale = (hash[5] >> 4) / 15;
+    const acStart = hasAlpha ? 6 : 5;
+    let acIndex = 0;
+    const channel = (nx, ny, scale) => {
+      const ac = [];
+      for (let cy = 0; cy < ny; cy++) {
+        for (let cx = cy ? 0 : 1; cx * ny < nx * (ny - cy); cx++, acIndex++) {
+          ac.push((((hash[acStart + (acIndex >> 1)] >> ((acIndex & 1) << 2)) & 15) / 7.5 - 1) * scale);
+        }
+      }
+      return ac;
+    };
+    const lAc = channel(lx, ly, lScale);
+    const pAc = channel(3, 3, pScale * 1.25);
+    const qAc = channel(3, 3, qScale * 1.25);
+    const aAc = hasAlpha ? channel(5, 5, aScale) : [];
+    const ratio = (isLandscape ? (hasAlpha ? 5 : 7) : header16 & 7) / (isLandscape ? header16 & 7 : (hasAlpha ? 5 : 7));
+    const w = round(ratio > 1 ? 32 : 32 * ratio);
+    const h = round(ratio > 1 ? 32 / ratio : 32);
+    const canvas = document.createElement("canvas");
+    canvas.width = w;
+    canvas.height = h;
+    const ctx = canvas.getContext("2d");
+    const image = ctx.createImageData(w, h);
+    const fx = [];
+    const fy = [];
+    for (let y = 0, i = 0; y < h; y++) {
+      for (let x = 0; x < w; x++, i += 4) {
+        let l = lDc, p = pDc, q = qDc, a = aDc;
+        for (let cx = 0, n = max(lx, hasAlpha ? 5 : 3); cx < n; cx++) fx[cx] = cos((PI / w) * (x + 0.5) * cx);
+        for (let cy = 0, n = max(ly, hasAlpha ? 5 : 3); cy < n; cy++) fy[cy] = cos((PI / h) * (y + 0.5) * cy);
+        for (let cy = 0, j = 0; cy < ly; cy++) {
+          for (let cx = cy ? 0 : 1, fy2 = fy[cy] * 2; cx * ly < lx * (ly - cy); cx++, j++) l += lAc[j] * fx[cx] * fy2;
+        }
+        for (let cy = 0, j = 0; cy < 3; cy++) {
+          for (let cx = cy ? 0 : 1, fy2 = fy[cy] * 2; cx < 3 - cy; cx++, j++) {
+            const f = fx[cx] * fy2;
+            p += pAc[j] * f;
+            q += qAc[j] * f;
+          }
+        }
+        if (hasAlpha) {
+          for (let cy = 0, j = 0; cy < 5; cy++) {
+            for (let cx = cy ? 0 : 1, fy2 = fy[cy] * 2; cx < 5 - cy; cx++, j++) a += aAc[j] * fx[cx] * fy2;
+          }
+        }
+        const b = l - (2 / 3) * p;
+        const r = (3 * l - b + q) / 2;
+        const g = r - q;
+        image.data[i] = max(0, 255 * min(1, r));
+        image.data[i + 1] = max(0, 255 * min(1, g));
+        image.data[i + 2] = max(0, 255 * min(1, b));
+        image.data[i + 3] = max(0, 255 * min(1, a));
+      }
+    }
+    ctx.putImageData(image, 0, 0);
+    return canvas.toDataURL("image/png");
+  }
+
+  // Paint the placeholder behind an <img> (or as a <video>'s poster) until the real picture loads.
+  function paintPlaceholder(node, placeholder) {
+    const url = placeholder && thumbHashDataUrl(placeholder);
+    if (!url || !node) return;
+    node.style.backgroundImage = `url("${url}")`;
+    node.style.backgroundSize = "cover";
+    node.dataset.placeholder = "painted";
+    const clear = () => { node.style.backgroundImage = ""; node.dataset.placeholder = "cleared"; };
+    if (node.tagName === "IMG") {
+      if (node.complete && node.naturalWidth) clear();
+      else node.addEventListener("load", clear, { once: true });
+    } else if (node.tagName === "VIDEO") {
+      node.addEventListener("loadeddata", clear, { once: true });
+    }
+  }
+
+  // WebVTT storyboard cues: [{start, end, x, y, w, h}], the sheet's own URL given separately
+  // (signed URLs: the VTT's relative name cannot be fetched as it is).
+  async function loadStoryboard(vttUrl) {
+    const r = await fetch(vttUrl);
+    if (!r.ok) return [];
+    const text = await r.text();
+    const cues = [];
+    const ts = (s) => { const [h, m, rest] = s.split(":"); return +h * 3600 + +m * 60 + parseFloat(rest); };
+    const lines = text.split(/\r?\n/);
+    for (let i = 0; i < lines.length; i++) {
+      const m = lines[i].match(/^(\S+) --> (\S+)/);
+      const box = m && (lines[i + 1] || "").match(/#xywh=(\d+),(\d+),(\d+),(\d+)/);
+      if (box) cues.push({ start: ts(m[1]), end: ts(m[2]), x: +box[1], y: +box[2], w: +box[3], h: +box[4] });
+    }
+    return cues;
+  }
+
+  // A seek strip under the player: hovering shows the storyboard tile of that time, a click seeks.
+  function storyboardStrip(video, outputs) {
+    if (!outputs.storyboard || !outputs.storyboard_vtt) return null;
+    const tile = el("div", { class: "storyboard-tile", hidden: true, "data-storyboard-tile": "" });
+    const label = el("span", { class: "storyboard-time" });
+    tile.append(label);
+    const strip = el("div", {
+      class: "storyboard-strip", role: "slider", tabindex: "0", "aria-label": "Seek (hover for a preview)",
+      "aria-valuemin": "0", "data-storyboard-strip": "",
+    }, [tile]);
+    let cues = [];
+    loadStoryboard(outputs.storyboard_vtt.url)
+      .then((found) => { cues = found; strip.dataset.cues = String(found.length); })
+      .catch(() => { strip.dataset.cues = "0"; });
+    const timeAt = (event) => {
+      const rect = strip.getBoundingClientRect();
+      const frac = Math.min(1, Math.max(0, (event.clientX - rect.left) / rect.width));
+      const duration = video.duration || (cues.length ? cues[cues.length - 1].end : 0);
+      return { frac, t: frac * duration };
+    };
+    strip.addEventListener("mousemove", (event) => {
+      const { frac, t } = timeAt(event);
+      const cue = cues.find((c) => t >= c.start && t < c.end) || cues[cues.length - 1];
+      if (!cue) return;
+      tile.hidden = false;
+      tile.style.width = `${cue.w}px`;
+      tile.style.height = `${cue.h}px`;
+      tile.style.backgroundImage = `url("${outputs.storyboard.url}")`;
+      tile.style.backgroundPosition = `-${cue.x}px -${cue.y}px`;
+      tile.style.left = `calc(${(frac * 100).toFixed(2)}% - ${cue.w / 2}px)`;
+      tile.dataset.cueStart = String(cue.start);
+      label.textContent = formatDuration(t);
+    });
+    strip.addEventListener("mouseleave", () => { tile.hidden = true; });
+    strip.addEventListener("click", (event) => { video.currentTime = timeAt(event).t; });
+    return strip;
+  }
+
+  // Quality: "Auto" (dash.js's ABR) or one rung of the playing adaptation set.
+  function qualityMenu(player, video) {
+    const dash = window.dashjs;
+    const select = el("select", { class: "quality", "aria-label": "Quality", "data-quality": "" });
+    const fill = () => {
+      // dash.js lists a set's rungs by rising bandwidth; the menu shows the largest first.
+      const reps = (player.getRepresentationsByType("video") || []).map((rep, index) => ({ rep, index }));
+      reps.sort((a, b) => (b.rep.bandwidth || 0) - (a.rep.bandwidth || 0));
+      select.replaceChildren(el("option", { value: "auto", text: "Auto" }));
+      for (const { rep, index } of reps) {
+        const kbps = rep.bandwidth ? ` · ${Math.round(rep.bandwidth / 1000)} kb/s` : "";
+        select.append(el("option", { value: String(index), text: `${Math.min(rep.width, rep.height)}p${kbps}` }));
+      }
+    };
+    player.on(dash.MediaPlayer.events.STREAM_INITIALIZED, fill);
+    player.on(dash.MediaPlayer.events.QUALITY_CHANGE_RENDERED, (e) => {
+      if (e.mediaType !== "video") return;
+      const rep = e.newRepresentation;
+      video.dataset.representation = rep ? `${rep.width}x${rep.height}` : "";
+      video.dataset.codec = rep && rep.codecs ? rep.codecs.split(".")[0] : "";
+    });
+    select.addEventListener("change", () => {
+      const auto = select.value === "auto";
+      player.updateSettings({ streaming: { abr: { autoSwitchBitrate: { video: auto } } } });
+      if (!auto) player.setRepresentationForTypeByIndex("video", Number(select.value), true);
+    });
+    return select;
+  }
+
   // --- results ---------------------------------------------------------------------------------
 
   function renderResults(box, detail, card) {
@@ -862,9 +1045,9 @@
     for (const out of detail.outputs || []) outputs[out.role] = out;
     const name = detail.file_name;
     const thumb = outputs.thumbnail || outputs.image_webp;
-    if (thumb) card.setThumb(thumb.url);
+    if (thumb) card.setThumb(thumb.url, detail.placeholder);
     if (detail.kind === "video" && (outputs.manifest || outputs.video)) {
-      box.append(videoPlayer(outputs, name));
+      box.append(videoPlayer(outputs, name, detail.placeholder));
     } else if (detail.kind === "audio" && outputs.audio) {
       box.append(el("figure", { class: "player" }, [
         el("audio", { controls: true, preload: "metadata", src: outputs.audio.url, "aria-label": `Processed audio: ${name}` }),
@@ -881,6 +1064,7 @@
           decoding: "async", loading: "lazy",
         }),
       ]);
+      paintPlaceholder(picture.querySelector("img"), detail.placeholder);
       box.append(el("figure", { class: "player" }, [picture, el("figcaption", {
         text: `${outputs.image_avif ? "AVIF" : ""}${outputs.image_avif && outputs.image_webp ? " with WebP fallback" : ""}`
           + `${!outputs.image_avif ? "WebP" : ""} · ${fallback.width}×${fallback.height}`,
@@ -889,11 +1073,13 @@
     box.append(sizeList(detail, outputs));
   }
 
-  function videoPlayer(outputs, name) {
+  function videoPlayer(outputs, name, placeholder) {
     const video = el("video", {
       controls: true, playsinline: true, preload: "metadata", poster: outputs.thumbnail && outputs.thumbnail.url,
       "aria-label": `Processed video: ${name}`,
     });
+    paintPlaceholder(video, placeholder);
+    let menu = null;
     const caption = el("figcaption");
     const dims = outputs.video && outputs.video.width ? ` · ${outputs.video.width}×${outputs.video.height}` : "";
     const codecs = outputs.video ? codecName(outputs.video.codec) : "AV1 + Opus";
@@ -911,9 +1097,12 @@
       player.updateSettings({
         debug: { logLevel: dash.Debug ? dash.Debug.LOG_LEVEL_WARNING : 3 },
         // A static manifest needs no clock; never ask a time server (closed networks).
-        streaming: { utcSynchronization: { enabled: false } },
+        // The AV1 set is first in the manifest, VP9 after: dash.js drops what the browser cannot
+        // decode (MediaSource.isTypeSupported), so AV1 plays where it can and VP9 elsewhere.
+        streaming: { utcSynchronization: { enabled: false }, selectionModeForInitialTrack: "firstTrack" },
       });
       player.on(dash.MediaPlayer.events.ERROR, () => progressive("the stream could not be played"));
+      menu = qualityMenu(player, video);
       player.initialize(video, outputs.manifest.url, false);
       video._player = player;
       video.dataset.source = "dash";
@@ -921,7 +1110,9 @@
     } else {
       progressive(outputs.manifest ? "this browser has no Media Source Extensions" : "");
     }
-    return el("figure", { class: "player" }, [video, caption]);
+    const strip = storyboardStrip(video, outputs);
+    const controls = menu ? el("label", { class: "quality-label" }, ["Quality ", menu]) : null;
+    return el("figure", { class: "player" }, [video, strip, controls, caption]);
   }
 
   function codecName(codec) {

@@ -1,0 +1,96 @@
+"""The player of a finished video (issue 18), in Chromium: the quality menu lists Auto and every
+rung and choosing one plays that rung; a page whose browser refuses AV1 (``isTypeSupported``
+patched, as on a machine without an AV1 decoder) plays the VP9 fallback; hovering the seek strip
+shows the storyboard tile of that time; the placeholder is painted until the poster loads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from media_app.models import MediaItem
+from media_app.services import media_processing_start
+from tests.conftest import wait_for
+from tests.media import lavfi_video
+
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+pytestmark = pytest.mark.worker
+
+# A browser without an AV1 decoder: Media Source refuses av01, and so does Media Capabilities
+# (which dash.js 5 asks first when the browser has it).
+NO_AV1 = """(() => {
+  const original = MediaSource.isTypeSupported.bind(MediaSource);
+  MediaSource.isTypeSupported = (type) => !/av01/i.test(type) && original(type);
+  const caps = navigator.mediaCapabilities;
+  if (caps && caps.decodingInfo) {
+    const decodingInfo = caps.decodingInfo.bind(caps);
+    caps.decodingInfo = (config) => {
+      const type = (config.video && config.video.contentType) || "";
+      if (/av01/i.test(type)) return Promise.resolve({ supported: false, smooth: false, powerEfficient: false });
+      return decodingInfo(config);
+    };
+  }
+})();"""
+
+
+@pytest.fixture
+def ladder_video(e2e_user: Any, make_item: Any, celery_worker: Any, tmp_path: Path) -> str:
+    """A finished 6 s 640x360 video of the e2e user: AV1 at 360 lines, VP9 at 360 and 234."""
+    item = make_item(lavfi_video(tmp_path / "ladder.mp4", seconds=6, size="640x360"), owner=e2e_user)
+    media_processing_start(item=item)
+    final = wait_for(
+        lambda: MediaItem.objects.filter(pk=item.pk, status__in=("Completed", "Failed")).first(),
+        timeout=180,
+        what="the video to finish",
+    )
+    assert final.status == "Completed", final.error_message
+    return str(item.original_name)
+
+
+def _open(page: Any, name: str) -> Any:
+    card = page.locator(f'#library .card:has([data-name]:text-is("{name}"))')
+    expect(card).to_have_count(1, timeout=30_000)
+    card.locator("summary").click()
+    video = card.locator("video")
+    expect(video).to_have_attribute("data-source", "dash")
+    video.evaluate("v => { v.muted = true; return v.play(); }")
+    return card
+
+
+def test_quality_menu_storyboard_and_placeholder(ladder_video: str, logged_in_page: Any, shots: Any) -> None:
+    page = logged_in_page
+    card = _open(page, ladder_video)
+    video = card.locator("video")
+    expect(video).to_have_attribute("data-codec", "av01", timeout=30_000)
+    menu = card.locator("[data-quality]")
+    expect(menu.locator("option")).to_have_text(["Auto", re.compile(r"^360p · \d+ kb/s$")], timeout=30_000)
+    # The gallery tile had its placeholder painted, then cleared once the thumbnail loaded.
+    expect(card.locator(".card-thumb img")).to_have_attribute("data-placeholder", "cleared", timeout=30_000)
+    strip = card.locator("[data-storyboard-strip]")
+    expect(strip).to_have_attribute("data-cues", "6")  # 6 s, a tile a second
+    strip.scroll_into_view_if_needed()
+    box = strip.bounding_box()
+    assert box is not None
+    strip.hover(position={"x": box["width"] * 0.75, "y": box["height"] / 2})
+    tile = card.locator("[data-storyboard-tile]")
+    expect(tile).to_be_visible()
+    start = float(tile.get_attribute("data-cue-start") or "nan")
+    assert 3.0 <= start <= 5.0, start  # 75 % of 6 s lies in the cue starting at 4 s
+    assert "url(" in tile.evaluate("t => getComputedStyle(t).backgroundImage")
+    shots.take(page, "storyboard-hover")
+
+
+def test_without_av1_the_vp9_fallback_plays(ladder_video: str, logged_in_page: Any, shots: Any) -> None:
+    page = logged_in_page
+    page.add_init_script(NO_AV1)
+    page.reload()
+    card = _open(page, ladder_video)
+    video = card.locator("video")
+    expect(video).to_have_attribute("data-codec", "vp09", timeout=30_000)
+    page.wait_for_function("v => v.currentTime > 0.5 && !v.paused", arg=video.element_handle(), timeout=30_000)
+    expect(card.locator("[data-quality] option")).to_have_text(["Auto", re.compile("^360p"), re.compile("^234p")])
+    shots.take(page, "vp9-playing")
