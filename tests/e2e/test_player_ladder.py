@@ -94,3 +94,41 @@ def test_without_av1_the_vp9_fallback_plays(ladder_video: str, logged_in_page: A
     page.wait_for_function("v => v.currentTime > 0.5 && !v.paused", arg=video.element_handle(), timeout=30_000)
     expect(card.locator("[data-quality] option")).to_have_text(["Auto", re.compile("^360p"), re.compile("^234p")])
     shots.take(page, "vp9-playing")
+
+
+@pytest.fixture
+def ladder_video_720(e2e_user: Any, make_item: Any, celery_worker: Any, tmp_path: Path) -> str:
+    """A finished 12 s 1280x720 video: AV1 at 720, 486 and 360 lines (three 4 s segments)."""
+    item = make_item(lavfi_video(tmp_path / "ladder720.mp4", seconds=12, size="1280x720"), owner=e2e_user)
+    media_processing_start(item=item)
+    final = wait_for(
+        lambda: MediaItem.objects.filter(pk=item.pk, status__in=("Completed", "Failed")).first(),
+        timeout=300,
+        what="the video to finish",
+    )
+    assert final.status == "Completed", final.error_message
+    return str(item.original_name)
+
+
+def test_a_throttled_network_switches_down_and_playback_goes_on(
+    ladder_video_720: str, logged_in_page: Any, shots: Any
+) -> None:
+    page = logged_in_page
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    # About 600 kb/s from the start, below the top rung's bitrate: the buffer fills slowly.
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 50, "downloadThroughput": 75_000, "uploadThroughput": 75_000},
+    )
+    card = _open(page, ladder_video_720)
+    video = card.locator("video")
+    menu = card.locator("[data-quality]")
+    expect(menu.locator("option")).to_have_count(4, timeout=60_000)  # Auto, 720p, 486p, 360p
+    menu.select_option(index=1)  # the top rung, by hand
+    expect(video).to_have_attribute("data-representation", "1280x720", timeout=60_000)
+    menu.select_option("auto")  # dash.js's rules, which see the slow downloads, take over
+    expect(video).not_to_have_attribute("data-representation", "1280x720", timeout=60_000)
+    at = video.evaluate("v => v.currentTime")
+    page.wait_for_function("([v, t]) => v.currentTime > t + 0.5", arg=[video.element_handle(), at], timeout=60_000)
+    shots.take(page, "switched-down")
