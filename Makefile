@@ -6,7 +6,7 @@ run:  ## set up and run web + workers + beat (and Redis if none is running)
 test:  ## set up and run the whole test suite
 	@bash scripts/test.sh $(ARGS)
 
-bench:  ## set up (as `make test`) and run every benchmark; writes bench/results/latest.{json,md}
+bench:  ## set up (as `make test`) and run every benchmark; writes bench/results/tmp/latest.{json,md} (ARGS=--commit-results: bench/results/, committed)
 	@bash scripts/bench.sh $(ARGS)
 
 bench-quick:  ## the short benchmark (< 3 minutes on 2 cores)

@@ -49,13 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the short run (< 3 minutes on 2 cores)")
     parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.json and latest.md go")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where latest.json and latest.md go (default: bench/results/tmp/, git-ignored)",
+    )
+    parser.add_argument(
+        "--commit-results",
+        action="store_true",
+        help="write them to bench/results/ instead, the committed figures (a full run on a quiet machine)",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
         help="py-spy: the worker during audio and throughput, the web process during websocket",
     )
     args = parser.parse_args(argv)
+    # A run leaves the working tree as it was, unless its figures are meant to be committed.
+    args.out = args.out or (RESULTS if args.commit_results else RESULTS / "tmp")
     only = [s for s in args.only.split(",") if s] or list(SECTIONS)
     unknown = set(only) - set(SECTIONS)
     if unknown:
