@@ -22,8 +22,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench import stack
-from bench.harness import CACHE, REAL, Report, Row, ffmpeg, ratio, run
+from bench import inputs, stack
+from bench.harness import Report, Row, ffmpeg, ratio, run
 
 SECONDS = 120
 FPS = 25
@@ -33,27 +33,8 @@ _FETCHED = re.compile(r"(\{\"item\": \"[^\"]+\", \"stage\": \"[^\"]+\", \"fetche
 
 
 def clip_720p() -> Path:
-    """The video benchmark's photo pan with grain (bench/inputs.py), two minutes long."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"pan-720p-{SECONDS}s.mp4"
-    if path.exists() and path.stat().st_size:
-        return path
-    print(f"   generating {path.name} (once; cached in {CACHE})", flush=True)
-    graph = (
-        f"[0:v]scale=1920:1440,loop=loop=-1:size=1:start=0,fps={FPS},"
-        f"crop=1280:720:x='(iw-ow)*t/{SECONDS}':y='(ih-oh)*(0.5+0.4*sin(t/7))',"
-        "noise=alls=5:allf=t,format=yuv420p[v]"
-    )
-    tmp = path.with_suffix(".part.mp4")
-    run(
-        [ffmpeg(), "-hide_banner", "-v", "error", "-y", "-i", str(REAL / "rommel.jpg"),
-         "-stream_loop", "-1", "-i", str(REAL / "party.mp3"), "-filter_complex", graph,
-         "-map", "[v]", "-map", "1:a", "-t", str(SECONDS),
-         "-c:v", "libx264", "-preset", "ultrafast", "-crf", "20", "-maxrate", "8M", "-bufsize", "8M", "-g", "60",
-         "-c:a", "aac", "-b:a", "160k", "-movflags", "+faststart", str(tmp)]
-    )  # fmt: skip
-    tmp.rename(path)
-    return path
+    """The video benchmark's photo pan with grain, two minutes long."""
+    return inputs.video(720, seconds=SECONDS, fps=FPS)
 
 
 def _pin(pid: int, core: int) -> None:

@@ -32,23 +32,25 @@ def _cached(name: str) -> tuple[Path, bool]:
     return path, path.exists() and path.stat().st_size > 0
 
 
-def video(height: int) -> Path:
-    path, ok = _cached(f"pan-{height}p-{VIDEO_SECONDS}s.mp4")
+def video(height: int, *, seconds: int = VIDEO_SECONDS, fps: int = VIDEO_FPS) -> Path:
+    """The pan at ``height`` lines (720 or 1080), ``seconds`` long at ``fps``."""
+    rate = "" if fps == VIDEO_FPS else f"-{fps}fps"
+    path, ok = _cached(f"pan-{height}p-{seconds}s{rate}.mp4")
     if ok:
         return path
     scaled, window, peak = _PAN[height]
     print(f"   generating {path.name} (once; cached in {CACHE})", flush=True)
     # The photo is decoded and scaled once, then repeated by `loop`; only crop + grain run per frame.
     graph = (
-        f"[0:v]scale={scaled},loop=loop=-1:size=1:start=0,fps={VIDEO_FPS},"
-        f"crop={window}:x='(iw-ow)*t/{VIDEO_SECONDS}':y='(ih-oh)*(0.5+0.4*sin(t/7))',"
+        f"[0:v]scale={scaled},loop=loop=-1:size=1:start=0,fps={fps},"
+        f"crop={window}:x='(iw-ow)*t/{seconds}':y='(ih-oh)*(0.5+0.4*sin(t/7))',"
         "noise=alls=5:allf=t,format=yuv420p[v]"
     )
     tmp = path.with_suffix(".part.mp4")
     run(
         [ffmpeg(), "-hide_banner", "-v", "error", "-y", "-i", str(REAL / "rommel.jpg"),
          "-stream_loop", "-1", "-i", str(REAL / "party.mp3"), "-filter_complex", graph,
-         "-map", "[v]", "-map", "1:a", "-t", str(VIDEO_SECONDS),
+         "-map", "[v]", "-map", "1:a", "-t", str(seconds),
          "-c:v", "libx264", "-preset", "ultrafast", "-crf", "20", "-maxrate", peak, "-bufsize", peak, "-g", "60",
          "-c:a", "aac", "-b:a", "160k", "-movflags", "+faststart", str(tmp)]
     )  # fmt: skip

@@ -16,9 +16,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from bench import stack
+from bench import inputs, stack
 from bench.av import vmaf
-from bench.harness import CACHE, REAL, Report, Row, check, ffmpeg, median, run, spread, timed
+from bench.harness import Report, Row, check, ffmpeg, median, run, spread, timed
 
 SECONDS = 20
 FPS = 30
@@ -27,26 +27,8 @@ MPD = "{urn:mpeg:dash:schema:mpd:2011}"
 
 
 def clip_1080p() -> Path:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"pan-1080p-{SECONDS}s.mp4"
-    if path.exists() and path.stat().st_size:
-        return path
-    print(f"   generating {path.name} (once; cached in {CACHE})", flush=True)
-    graph = (
-        f"[0:v]scale=3072:2304,loop=loop=-1:size=1:start=0,fps={FPS},"
-        f"crop=1920:1080:x='(iw-ow)*t/{SECONDS}':y='(ih-oh)*(0.5+0.4*sin(t/7))',"
-        "noise=alls=5:allf=t,format=yuv420p[v]"
-    )
-    tmp = path.with_suffix(".part.mp4")
-    run(
-        [ffmpeg(), "-hide_banner", "-v", "error", "-y", "-i", str(REAL / "rommel.jpg"),
-         "-stream_loop", "-1", "-i", str(REAL / "party.mp3"), "-filter_complex", graph,
-         "-map", "[v]", "-map", "1:a", "-t", str(SECONDS),
-         "-c:v", "libx264", "-preset", "ultrafast", "-crf", "20", "-maxrate", "16M", "-bufsize", "16M", "-g", "60",
-         "-c:a", "aac", "-b:a", "160k", "-movflags", "+faststart", str(tmp)]
-    )  # fmt: skip
-    tmp.rename(path)
-    return path
+    """The video benchmark's photo pan with grain at 1080p, SECONDS long."""
+    return inputs.video(1080, seconds=SECONDS, fps=FPS)
 
 
 def plain_av1(src: Path, dst: Path) -> float:
