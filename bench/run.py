@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpc-media benchmark ({'quick' if args.quick else 'full'}), load average {load_start}", flush=True)
     run_dir = setup_django()
 
-    from bench import av, images, live, stack, throughput
+    from bench import av, images, live, stack, throughput, tus
     from bench.chunked import chunked_section
     from bench.ladder import ladder_section
     from bench.profile import WorkerProfile, summarize
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.stop()
         # Its own pinned workers (one core each), with the suite's worker stopped.
         attempt("chunked", lambda: chunked_section(report, owner, run_dir))
-        attempt("tus", lambda: live.tus_section(report, server, size_mb=plan.tus_mb))
+        attempt("tus", lambda: tus.tus_section(report, server, size_mb=plan.tus_mb))
     finally:
         worker.stop()
         server.stop()
