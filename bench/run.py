@@ -19,9 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import targets
 from bench.harness import CACHE, REAL, RESULTS, Report, Row, TreeSampler, fmt, load, machine, section, setup_django
 
 SECTIONS = ("video", "ladder", "audio", "images", "thumbnails", "throughput", "websocket", "chunked", "tus")
+# The quick run keeps to issue 17's table and what is cheap; the ladder (issue 18) and the
+# split encode over two hosts (issue 12) take minutes each: `make bench`, or `--only` them.
+FULL_ONLY = ("ladder", "chunked")
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # A run leaves the working tree as it was, unless its figures are meant to be committed.
     args.out = args.out or (RESULTS if args.commit_results else RESULTS / "tmp")
-    only = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    only = [s for s in args.only.split(",") if s] or [s for s in SECTIONS if not (args.quick and s in FULL_ONLY)]
     unknown = set(only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {sorted(unknown)}")
@@ -178,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
 
     load_end = load()
     minutes = (time.monotonic() - started) / 60
+    targets.apply(report.rows)
+    goals = targets.summary(report.rows, quick=args.quick)
     doc = {
         "rows": [r.as_dict() for r in report.rows],
+        "goals": goals,
         "machine": report.extra.pop("machine"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "load": {"start": load_start, "end": load_end},
@@ -193,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "latest.json").write_text(json.dumps(_finite(doc), indent=1, ensure_ascii=False) + "\n")
     (args.out / "latest.md").write_text(markdown(doc))
     print("\n" + table(doc["rows"]))
+    print("\n" + targets.text_table(goals))
     print(f"\nload average: start {load_start}, end {load_end}; {minutes:.1f} min; wrote {args.out}/latest.json, .md")
     for e in errors:
         print(f"ERROR {e}", file=sys.stderr)
@@ -255,6 +263,11 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- load average (1, 5, 15 min): start {doc['load']['start']}, end {doc['load']['end']}",
         "- ratio = value / baseline; the target says whether it applies to the value or the ratio.",
         "",
+        *(
+            ["## Issue 17's table", "", *targets.markdown_table(doc["goals"]), "", "## Every figure", ""]
+            if doc.get("goals")
+            else []
+        ),
         "| figure | value | unit | baseline | ratio | target | meets | spread | n | note |",
         "|" + "---|" * len(COLUMNS),
     ]
