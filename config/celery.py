@@ -40,6 +40,8 @@ def _check_visibility_timeout() -> None:
 
 _check_visibility_timeout()
 
+_TASK_EVENTS = os.environ.get("CELERY_TASK_EVENTS", "").lower() in ("1", "true", "yes", "on")
+
 app.conf.update(
     task_serializer="json",
     result_serializer="json",
@@ -60,8 +62,12 @@ app.conf.update(
     # Video encodes use both cores: they get their own queue, served one at a time, so images
     # and audio never wait behind a long encode.
     task_queues=tuple(Queue(str(q)) for q in MediaQueue),
-    worker_send_task_events=True,
-    task_send_sent_event=True,
+    # Task events (for Flower and ``celery events``) are one more Redis publish per task state
+    # change (sent, received, started, succeeded) of every task; off unless asked for
+    # (CELERY_TASK_EVENTS=1, or ``celery worker -E``). The lifecycle's history and broadcasts
+    # are how this project watches items.
+    worker_send_task_events=_TASK_EVENTS,
+    task_send_sent_event=_TASK_EVENTS,
     beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler",
     task_always_eager=settings.CELERY_TASK_ALWAYS_EAGER,
     task_eager_propagates=False,

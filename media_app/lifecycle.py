@@ -237,10 +237,12 @@ def chain_started(*, item_id: Any, entry_task_id: str, first_task_id: str, detec
     return _apply(item_id, where, changes, history=False) is not None
 
 
-def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int) -> int | None:
+def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int, left_line: bool = True) -> int | None:
     """A stage task begins: Processing at ``stage``. Returns the delivery number of this stage
     (counted in the database, so a delivery whose worker was SIGKILLed still counts), or None
-    when the item is final (cancelled, failed, completed) or gone: the stage must not run."""
+    when the item is final (cancelled, failed, completed) or gone: the stage must not run.
+    ``left_line=False``: the stage follows the previous one in the same task (a fused chain), so
+    it took no place in a queue's line and those waiting there need not be told anything."""
     now = timezone.now()
     changes = {
         "attempts": Case(When(Q(status=PROCESSING, stage=stage), then=F("attempts") + 1), default=Value(1)),
@@ -259,9 +261,10 @@ def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int) -> i
         item = _apply(item_id, QUEUED | Q(status=PROCESSING), changes, history=False)
         if item is None:
             return None
-        # It left its line: those behind it moved up.
-        kind = item.kind
-        transaction.on_commit(lambda: line_moved(kind=kind))
+        if left_line:
+            # It left its line: those behind it moved up.
+            kind = item.kind
+            transaction.on_commit(lambda: line_moved(kind=kind))
         attempt = item.attempts
         StatusEvent.objects.create(
             item=item,
@@ -275,10 +278,17 @@ def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int) -> i
 
 
 def stage_finished(
-    *, item_id: Any, stage: str, progress: int, seconds: float | None = None, peak_child_rss: int = 0
+    *,
+    item_id: Any,
+    stage: str,
+    progress: int,
+    seconds: float | None = None,
+    peak_child_rss: int = 0,
+    waits: bool = True,
 ) -> bool:
     """A stage's result is committed: progress moves to its end. False if the item was cancelled
-    (or finished) meanwhile: the chain must stop."""
+    (or finished) meanwhile: the chain must stop. ``waits=False``: the next stage runs at once in
+    the same task (a fused chain), so the item is not waiting for a worker."""
     with transaction.atomic():
         row = (
             MediaItem.objects.select_for_update()
@@ -292,7 +302,7 @@ def stage_finished(
             "progress": Greatest(F("progress"), Value(min(progress, 99))),
             "peak_child_rss": Greatest(F("peak_child_rss"), Value(peak_child_rss)),
             # Its next stage is queued now (or the chain's last link): it waits for a worker.
-            "waiting_since": timezone.now(),
+            "waiting_since": timezone.now() if waits else None,
         }
         if seconds is not None:
             changes["timings"] = {**(row["timings"] or {}), stage: round(seconds, 3)}

@@ -140,14 +140,16 @@ def detected_from(media_info: Any) -> Detected | None:
     return Detected(kind, sniffed.mime, info.media_duration if info else None, {}, sniffed, info)
 
 
-def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
-    """The common body of every stage task."""
+def run_stage(task: Task, item_id: str, stage: str, *, fused: bool = False, first: bool = True) -> dict[str, Any]:
+    """The common body of every stage task. ``fused``: the stage is one of several run by one
+    task (``run_fused``), so the item does not wait for a worker after it; ``first``: the first
+    stage of that task, the one that took the item out of its queue's line."""
     item = MediaItem.objects.filter(pk=item_id).first()
     if item is None:
         raise Ignore()
     span = bindings.progress_span(item.kind, stage)
     attempt = lifecycle.stage_started(
-        item_id=item_id, stage=stage, task_id=task.request.id or "", progress=int(span[0])
+        item_id=item_id, stage=stage, task_id=task.request.id or "", progress=int(span[0]), left_line=first
     )
     if attempt is None:
         # Deleted, cancelled or already done: stop this chain quietly.
@@ -161,7 +163,7 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     started = time.monotonic()
     if workspace.stage_done(item_id, stage):
         log_stage(item_id, stage, attempt, 0.0, "skipped")
-        if not lifecycle.stage_finished(item_id=item_id, stage=stage, progress=int(span[1])):
+        if not lifecycle.stage_finished(item_id=item_id, stage=stage, progress=int(span[1]), waits=not fused):
             raise Ignore()
         return {"stage": stage, "skipped": True}
     workspace.clear_tmp(item_id)
@@ -183,7 +185,7 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     # so limits can be checked against what really ran.
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     applied = lifecycle.stage_finished(
-        item_id=item_id, stage=stage, progress=int(span[1]), seconds=seconds, peak_child_rss=peak
+        item_id=item_id, stage=stage, progress=int(span[1]), seconds=seconds, peak_child_rss=peak, waits=not fused
     )
     log_stage(
         item_id,
@@ -209,6 +211,38 @@ def _stage_task(stage: str) -> Task:
 
 
 STAGE_TASKS: dict[str, Task] = {stage: _stage_task(stage) for stage in bindings.ALL_STAGES}
+
+
+# --- a small item's whole chain in one task ----------------------------------------------------
+#
+# An image's four stages take ~30-130 ms of media work each; as four tasks (and a finish), every
+# hand-off through the broker, and the item waiting between them, cost more than the work. Kinds
+# in FUSED_KINDS run their stages one after the other in one delivery of ``media.stage.fused``,
+# each still started and finished through the lifecycle (same stage names, progress, history
+# rows, attempt counts, cancel checks) and still written through to storage, so a retry or a
+# redelivery on another host resumes from the first stage not done, as a chain would.
+
+FUSED_KINDS = frozenset({"image"})
+
+
+def run_fused(task: Task, item_id: str) -> None:
+    item = MediaItem.objects.filter(pk=item_id).first()
+    if item is None:
+        raise Ignore()
+    stages = bindings.stages_for(item.kind)
+    # Stages already done in storage (by an earlier delivery, on any host) are not announced
+    # again: starting them would reset the stalled stage's delivery count, and a file that kills
+    # its worker every time would then be redelivered forever.
+    start = next((n for n, st in enumerate(stages) if not workspace.stage_done(item_id, st)), len(stages))
+    for n, st in enumerate(stages[start:]):
+        run_stage(task, item_id, st, fused=True, first=n == 0)
+    finish_item(item_id)
+
+
+@shared_task(bind=True, base=StageTask, name="media.stage.fused")
+def fused(self: Task, item_id: str) -> None:
+    """Every stage of a small item (an image), then its finish, in one delivery."""
+    run_fused(self, item_id)
 
 
 # --- split-and-stitch: a long video's encode as a chord of chunk tasks ------------------------------
@@ -342,6 +376,10 @@ def encode_join(self: Task, item_id: str) -> dict[str, Any]:
 @shared_task(bind=True, name="media.finish", acks_late=True, ignore_result=True, time_limit=60, soft_time_limit=50)
 def finish(self: Task, item_id: str) -> None:
     """The chain's last link: mark Completed and drop the work files."""
+    finish_item(item_id)
+
+
+def finish_item(item_id: str) -> None:
     if lifecycle.completed(item_id=item_id):
         workspace.clear(item_id)
         storage_delete_tree(workspace.stored_prefix(item_id))
@@ -360,11 +398,28 @@ def chain_links(item: MediaItem) -> list[Any]:
     return links
 
 
+def process_links(item: MediaItem) -> list[Any]:
+    """What the entry task queues: the chain of stage tasks, or for a kind in FUSED_KINDS one
+    task that runs them all (limited by the sum of their limits)."""
+    if item.kind not in FUSED_KINDS:
+        return chain_links(item)
+    stages = bindings.PIPELINES[item.kind]
+    hard = min(sum(bindings.time_limits(st)[0] for st in stages), _ceiling_seconds())
+    opts = {"queue": str(stages[0].queue), "time_limit": hard, "soft_time_limit": int(hard * 0.9)}
+    return [fused.si(str(item.pk)).set(**opts)]
+
+
+def _ceiling_seconds() -> int:
+    return int(settings.CELERY_TASK_TIME_LIMIT)
+
+
 def build_chain(item: MediaItem) -> Any:
-    return chain(*chain_links(item))
+    return chain(*process_links(item))
 
 
-@shared_task(bind=True, name="media.process", acks_late=True, time_limit=300, soft_time_limit=270)
+# Its return value (the first link's id) is for in-process callers (``manage.py process``); none
+# reads it from the result backend, so it is not stored there.
+@shared_task(bind=True, name="media.process", acks_late=True, ignore_result=True, time_limit=300, soft_time_limit=270)
 def process(self: Task, item_id: str) -> str | None:
     """Entry task: learn the item's kind and streams from its content (the one probe of the
     upload), then hand over to its chain. A delivery whose id is not the one the item was queued
@@ -391,7 +446,7 @@ def process(self: Task, item_id: str) -> str | None:
             "media_info": media_info,
         }
         item.kind = found.kind
-    links = chain_links(item)
+    links = process_links(item)
     first_id = links[0].freeze().id
     if not lifecycle.chain_started(
         item_id=item_id, entry_task_id=self.request.id, first_task_id=first_id, detected=detected
