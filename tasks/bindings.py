@@ -92,7 +92,13 @@ def _decode(ctx: StageContext) -> Any:
 def _normalize(ctx: StageContext) -> Any:
     demuxed = ctx.result("demux", av.DemuxResult)
     return av.normalize(
-        demuxed, ctx.dir("demux"), ctx.out_dir, profiles=profiles(), limits=_limits(), progress=ctx.progress
+        demuxed,
+        ctx.dir("demux"),
+        ctx.out_dir,
+        profiles=profiles(),
+        limits=_limits(),
+        progress=ctx.progress,
+        decoded=ctx.result("decode", av.DecodeResult),  # its loudness: no pass of its own
     )
 
 

@@ -169,9 +169,9 @@ def run_stages(
     limits = profiles.limits
     p = Pipeline(root)
     p.results["demux"] = dm = hop(stages.demux(src, p.dir("demux"), limits=limits))
-    p.results["decode"] = hop(stages.decode(dm, p.dir("demux"), p.dir("decode"), limits=limits))
+    p.results["decode"] = decoded = hop(stages.decode(dm, p.dir("demux"), p.dir("decode"), limits=limits))
     p.results["normalize"] = plan = hop(
-        stages.normalize(dm, p.dir("demux"), p.dir("normalize"), profiles=profiles, limits=limits)
+        stages.normalize(dm, p.dir("demux"), p.dir("normalize"), profiles=profiles, limits=limits, decoded=decoded)
     )
     p.results["filter"] = filters = hop(stages.build_filters(plan, profiles=profiles))
     p.results["encode"] = enc = hop(

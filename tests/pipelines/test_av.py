@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from PIL import Image, ImageStat
 from pipelines import av as stages
 from pipelines.errors import InvalidInput, MediaError, UnsupportedCodec
 from pipelines.profiles import Profiles
-from pipelines.results import Output
+from pipelines.results import Output, from_json, to_json
 from pipelines.sniff import sniff
 
 TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
@@ -336,6 +337,44 @@ def test_audio_becomes_loudness_normalised_opus_webm(
     assert (seen.audio_codec, seen.sample_rate, seen.video_codec) == ("opus", 48000, None)
     assert seen.duration == pytest.approx(3.0, abs=0.1) and out.duration == pytest.approx(3.0, abs=0.1)
     assert measure_lufs(path) == pytest.approx(-16.0, abs=1.0)
+
+
+def test_loudness_is_measured_in_the_decode_pass(
+    song: Path, profiles: Profiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode check measures the same loudness a pass of its own would; normalize then runs
+    no pass (a second one would decode the whole audio again)."""
+    limits = profiles.limits
+    dm = stages.demux(song, tmp_path / "demux", limits=limits)
+    decoded = stages.decode(dm, tmp_path / "demux", tmp_path / "decode", limits=limits)
+    alone = stages.measure_loudness(tmp_path / "demux" / dm.file, dm.ffmpeg_format, limits=limits)
+    assert decoded.loudness is not None and decoded.loudness == alone
+    assert math.isfinite(alone.integrated) and math.isfinite(alone.true_peak)
+
+    def no_second_pass(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("normalize measured the loudness again")
+
+    monkeypatch.setattr(stages, "measure_loudness", no_second_pass)
+    plan = stages.normalize(
+        dm, tmp_path / "demux", tmp_path / "plan", profiles=profiles, limits=limits, decoded=decoded
+    )
+    assert plan.audio is not None and plan.audio.loudness == decoded.loudness
+
+
+def test_a_decode_result_stored_without_loudness_is_measured_by_normalize(
+    song: Path, profiles: Profiles, tmp_path: Path
+) -> None:
+    """A decode result stored by an older version (no ``loudness`` key) still loads, and normalize
+    then measures the loudness itself."""
+    limits = profiles.limits
+    dm = stages.demux(song, tmp_path / "demux", limits=limits)
+    stored = to_json(stages.decode(dm, tmp_path / "demux", tmp_path / "decode", limits=limits))
+    measured = stored.pop("loudness")
+    old = from_json(stages.DecodeResult, stored)
+    assert old.loudness is None
+    plan = stages.normalize(dm, tmp_path / "demux", tmp_path / "plan", profiles=profiles, limits=limits, decoded=old)
+    assert plan.audio is not None and plan.audio.loudness == from_json(stages.Loudness, measured)
+    assert plan.audio.gain_db != 0
 
 
 def test_audio_can_be_chunked_too(song: Path, pipeline: Any, profiles: Profiles, tmp_path: Path) -> None:
