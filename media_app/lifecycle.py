@@ -16,6 +16,7 @@ The state table (``docs/decisions.md`` gives the race each guard closes)::
     chain_started     Pending, queued under this very task id       Pending, task id of the chain's first link
     stage_started     Pending queued, or Processing                 Processing at the stage, attempt n, not waiting
     stage_finished    Processing at that stage                      progress at the stage's end, waiting since now
+    stage_advanced    Processing at that stage                      Processing at the next stage, attempt 1 (fused)
     progressed        Processing, below that progress               that progress (no history row)
     completed         Processing                                    Completed, 100 %
     failed            Pending or Processing                         Failed with a reason
@@ -134,10 +135,12 @@ def _apply(
     history: bool = True,
     after_commit: Callable[[MediaItem], None] | None = None,
     deleted: bool = False,
+    announce: bool = True,
 ) -> MediaItem | None:
     """One conditional UPDATE; on success a history row and, after commit, ``after_commit`` and
-    the broadcast. Returns the item as updated, or None when the item is not in a state ``where``
-    allows (or is gone)."""
+    the broadcast (unless not ``announce``: a transition the caller follows at once with another
+    one, which watchers hear instead). Returns the item as updated, or None when the item is not
+    in a state ``where`` allows (or is gone)."""
     with transaction.atomic():
         applied = MediaItem.objects.filter(Q(pk=item_id) & where).update(
             **changes, event_seq=F("event_seq") + 1, updated_at=timezone.now()
@@ -157,7 +160,8 @@ def _apply(
             )
         if after_commit is not None:
             transaction.on_commit(lambda: after_commit(item))
-        transaction.on_commit(lambda: broadcast(item, deleted=deleted))
+        if announce:
+            transaction.on_commit(lambda: broadcast(item, deleted=deleted))
     return item
 
 
@@ -287,8 +291,10 @@ def stage_finished(
     waits: bool = True,
 ) -> bool:
     """A stage's result is committed: progress moves to its end. False if the item was cancelled
-    (or finished) meanwhile: the chain must stop. ``waits=False``: the next stage runs at once in
-    the same task (a fused chain), so the item is not waiting for a worker."""
+    (or finished) meanwhile: the chain must stop. ``waits=False``: the next stage (or the
+    completion) follows at once in the same task (a fused chain): the item is not waiting for a
+    worker, and watchers hear this progress with that next transition instead of in an event of
+    its own (a broadcast costs a Redis round trip and the payload's queries)."""
     with transaction.atomic():
         row = (
             MediaItem.objects.select_for_update()
@@ -307,8 +313,65 @@ def stage_finished(
         if seconds is not None:
             changes["timings"] = {**(row["timings"] or {}), stage: round(seconds, 3)}
         message = "" if seconds is not None else f"{stage} skipped: already done"
-        item = _apply(item_id, Q(status=PROCESSING, stage=stage), changes, message=message, history=seconds is None)
+        item = _apply(
+            item_id,
+            Q(status=PROCESSING, stage=stage),
+            changes,
+            message=message,
+            history=seconds is None,
+            announce=waits,
+        )
         return item is not None
+
+
+def stage_advanced(
+    *,
+    item_id: Any,
+    stage: str,
+    progress: int,
+    seconds: float | None,
+    peak_child_rss: int,
+    next_stage: str,
+    task_id: str,
+    next_progress: int,
+) -> int | None:
+    """``stage_finished`` then ``stage_started`` of the next stage, as one write: the two stages
+    run one after the other in one task (a fused chain), so no worker is waited for between them.
+    Same rows as the two would write (a skipped stage's line, then "<next> started"), one
+    broadcast. Returns the next stage's delivery number (1: the item moved to a new stage), or
+    None if the item was cancelled or finished meanwhile: the task must stop."""
+    with transaction.atomic():
+        row = (
+            MediaItem.objects.select_for_update()
+            .filter(pk=item_id, status=PROCESSING, stage=stage)
+            .values("timings", "attempts")
+            .first()
+        )
+        if row is None:
+            return None
+        changes: dict[str, Any] = {
+            "attempts": 1,
+            "stage": next_stage,
+            "progress": Greatest(F("progress"), Value(min(max(progress, next_progress), 99))),
+            "peak_child_rss": Greatest(F("peak_child_rss"), Value(peak_child_rss)),
+            "task_id": task_id,
+            "eta_seconds": None,
+            "waiting_since": None,
+        }
+        if seconds is not None:
+            changes["timings"] = {**(row["timings"] or {}), stage: round(seconds, 3)}
+        item = _apply(item_id, Q(status=PROCESSING, stage=stage), changes, history=False)
+        if item is None:  # pragma: no cover - the row lock above makes this impossible
+            return None
+        rows = []
+        if seconds is None:
+            rows.append((stage, row["attempts"], f"{stage} skipped: already done"))
+        rows.append((next_stage, 1, f"{next_stage} started"))
+        StatusEvent.objects.bulk_create(
+            StatusEvent(item=item, status=item.status, stage=st, progress=item.progress, attempt=n, message=m)
+            for st, n, m in rows
+        )
+    return 1
 
 
 _last_progress: dict[str, float] = {}

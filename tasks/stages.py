@@ -13,6 +13,7 @@ import logging
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,36 +141,56 @@ def detected_from(media_info: Any) -> Detected | None:
     return Detected(kind, sniffed.mime, info.media_duration if info else None, {}, sniffed, info)
 
 
-def run_stage(task: Task, item_id: str, stage: str, *, fused: bool = False, first: bool = True) -> dict[str, Any]:
-    """The common body of every stage task. ``fused``: the stage is one of several run by one
-    task (``run_fused``), so the item does not wait for a worker after it; ``first``: the first
-    stage of that task, the one that took the item out of its queue's line."""
+@dataclass(frozen=True)
+class StageRun:
+    """What one stage's work did: its seconds (None: skipped, done already), the bytes it wrote
+    to storage, and the peak memory of the children this process has reaped."""
+
+    seconds: float | None
+    stored: int = 0
+    peak: int = 0
+
+
+def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
+    """The common body of every stage task."""
     item = MediaItem.objects.filter(pk=item_id).first()
     if item is None:
         raise Ignore()
     span = bindings.progress_span(item.kind, stage)
     attempt = lifecycle.stage_started(
-        item_id=item_id, stage=stage, task_id=task.request.id or "", progress=int(span[0]), left_line=first
+        item_id=item_id, stage=stage, task_id=task.request.id or "", progress=int(span[0])
     )
     if attempt is None:
         # Deleted, cancelled or already done: stop this chain quietly.
         raise Ignore()
+    item.refresh_from_db()
+    ran = work_stage(task, item, stage, attempt)
+    applied = lifecycle.stage_finished(
+        item_id=item_id, stage=stage, progress=int(span[1]), seconds=ran.seconds, peak_child_rss=ran.peak
+    )
+    log_run(task, item_id, stage, attempt, ran, applied)
+    if not applied:
+        raise Ignore()  # cancelled while it ran: its result stays on disk, the chain stops here
+    if ran.seconds is None:
+        return {"stage": stage, "skipped": True}
+    return {"stage": stage, "skipped": False, "seconds": ran.seconds}
+
+
+def work_stage(task: Task, item: MediaItem, stage: str, attempt: int) -> StageRun:
+    """A started stage's work: skipped if storage has it, else run and written through."""
     if attempt > settings.MEDIA_MAX_ATTEMPTS:
         # Redelivered after its worker died each time: a poison file, not bad luck.
         raise MediaError(
             "Processing this file failed repeatedly and was stopped.",
             detail=f"stage {stage} delivered {attempt} times",
         )
+    item_id = item.pk
     started = time.monotonic()
     if workspace.stage_done(item_id, stage):
-        log_stage(item_id, stage, attempt, 0.0, "skipped")
-        if not lifecycle.stage_finished(item_id=item_id, stage=stage, progress=int(span[1]), waits=not fused):
-            raise Ignore()
-        return {"stage": stage, "skipped": True}
+        return StageRun(None)
     workspace.clear_tmp(item_id)
     tmp = workspace.new_tmp_dir(item_id, stage)
-    item.refresh_from_db()
-    ctx = StageContext(item, stage, tmp, span)
+    ctx = StageContext(item, stage, tmp, bindings.progress_span(item.kind, stage))
     if stage == ENCODE:
         chunks = _stored_plan(item_id) or bindings.chunk_plan(ctx)
         if chunks is not None:
@@ -180,26 +201,26 @@ def run_stage(task: Task, item_id: str, stage: str, *, fused: bool = False, firs
         stored = workspace.commit_stage(item_id, stage, tmp, result)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    seconds = time.monotonic() - started
     # The largest child this worker process has reaped (decoders, ffmpeg): the item records it
     # so limits can be checked against what really ran.
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    applied = lifecycle.stage_finished(
-        item_id=item_id, stage=stage, progress=int(span[1]), seconds=seconds, peak_child_rss=peak, waits=not fused
-    )
+    return StageRun(time.monotonic() - started, stored, peak)
+
+
+def log_run(task: Task, item_id: Any, stage: str, attempt: int, ran: StageRun, applied: bool) -> None:
+    if ran.seconds is None:
+        log_stage(item_id, stage, attempt, 0.0, "skipped")
+        return
     log_stage(
         item_id,
         stage,
         attempt,
-        seconds,
+        ran.seconds,
         "done" if applied else "stopped",
-        peak_child_mb=round(peak / 2**20),
-        stored_bytes=stored,
+        peak_child_mb=round(ran.peak / 2**20),
+        stored_bytes=ran.stored,
         worker=task.request.hostname or "",
     )
-    if not applied:
-        raise Ignore()  # cancelled while it ran: its result stays on disk, the chain stops here
-    return {"stage": stage, "skipped": False, "seconds": seconds}
 
 
 def _stage_task(stage: str) -> Task:
@@ -234,8 +255,43 @@ def run_fused(task: Task, item_id: str) -> None:
     # again: starting them would reset the stalled stage's delivery count, and a file that kills
     # its worker every time would then be redelivered forever.
     start = next((n for n, st in enumerate(stages) if not workspace.stage_done(item_id, st)), len(stages))
-    for n, st in enumerate(stages[start:]):
-        run_stage(task, item_id, st, fused=True, first=n == 0)
+    todo = stages[start:]
+    task_id = task.request.id or ""
+    attempt = 0
+    if todo:
+        first = lifecycle.stage_started(
+            item_id=item_id, stage=todo[0], task_id=task_id, progress=int(bindings.progress_span(item.kind, todo[0])[0])
+        )
+        if first is None:
+            raise Ignore()  # deleted, cancelled or finished
+        attempt = first
+    # ``item`` was read after the entry task committed its kind and media info, which no stage
+    # changes: no reload per stage.
+    for n, stage in enumerate(todo):
+        ran = work_stage(task, item, stage, attempt)
+        end = int(bindings.progress_span(item.kind, stage)[1])
+        if n + 1 < len(todo):
+            # This stage's end and the next one's start: one write, one broadcast.
+            following = todo[n + 1]
+            next_attempt = lifecycle.stage_advanced(
+                item_id=item_id,
+                stage=stage,
+                progress=end,
+                seconds=ran.seconds,
+                peak_child_rss=ran.peak,
+                next_stage=following,
+                task_id=task_id,
+                next_progress=int(bindings.progress_span(item.kind, following)[0]),
+            )
+        else:
+            finished = lifecycle.stage_finished(
+                item_id=item_id, stage=stage, progress=end, seconds=ran.seconds, peak_child_rss=ran.peak, waits=False
+            )
+            next_attempt = attempt if finished else None
+        log_run(task, item_id, stage, attempt, ran, next_attempt is not None)
+        if next_attempt is None:
+            raise Ignore()  # cancelled while it ran: its result stays in storage
+        attempt = next_attempt
     finish_item(item_id)
 
 
