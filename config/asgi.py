@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # Django must be set up before the routing (and its consumers' models) is imported.
-django_asgi_app = get_asgi_application()
+django.setup(set_prefix=False)
+
+from media_app.api.tus_stream import StreamingBodyASGIHandler  # noqa: E402
+
+# Django's handler, except that a tus chunk streams into storage instead of a spool file first.
+django_asgi_app = StreamingBodyASGIHandler()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402

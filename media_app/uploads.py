@@ -274,7 +274,7 @@ def _append_local(item: MediaItem, chunks: Iterator[bytes]) -> int:
             for chunk in chunks:
                 fh.write(chunk)
                 received += len(chunk)
-        except UploadRefused:
+        except BaseException:  # refused, or the client left mid-chunk: none of it counts
             fh.truncate(current)
             raise
         fh.flush()

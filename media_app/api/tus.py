@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from django.conf import settings
+from django.http import UnreadablePostError
 from django.urls import reverse
 from django.utils.http import http_date
 from drf_spectacular.utils import extend_schema
@@ -102,9 +103,15 @@ class TusApi(APIView):
     def _append(self, request: Request, item: MediaItem, offset: int) -> dict[str, str]:
         if request.content_type != CHUNK_CONTENT_TYPE:
             raise UploadRefused("unsupported_media_type", f"Send chunks as {CHUNK_CONTENT_TYPE}.")
-        item = upload_append(
-            item=item, offset=offset, stream=request._request, content_length=content_length(request._request)
-        )
+        try:
+            item = upload_append(
+                item=item, offset=offset, stream=request._request, content_length=content_length(request._request)
+            )
+        except UnreadablePostError:
+            # The client left mid-chunk (see tus_stream): nothing of this chunk was recorded.
+            raise UploadRefused(
+                "invalid", "The request ended before its body did; ask where to resume (HEAD)."
+            ) from None
         headers = {"Upload-Offset": str(upload_offset(item))}
         if upload_is_open(item):
             headers["Upload-Expires"] = http_date(upload_expires_at(item).timestamp())
