@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -21,7 +22,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from pipelines import av as stages
-from pipelines.errors import InvalidInput, MediaError, UnsupportedCodec
+from pipelines.errors import InvalidInput, MediaError, TooLarge, UnsupportedCodec
 from pipelines.profiles import Profiles
 from pipelines.results import Output, from_json, to_json
 from pipelines.sniff import sniff
@@ -375,6 +376,49 @@ def test_a_decode_result_stored_without_loudness_is_measured_by_normalize(
     plan = stages.normalize(dm, tmp_path / "demux", tmp_path / "plan", profiles=profiles, limits=limits, decoded=old)
     assert plan.audio is not None and plan.audio.loudness == from_json(stages.Loudness, measured)
     assert plan.audio.gain_db != 0
+
+
+def test_an_audio_upload_is_read_in_place_without_its_cover_art(
+    media: Any, pipeline: Any, looker: Any, tmp_path: Path
+) -> None:
+    """An MP3 with a cover picture: no copy into Matroska (the upload is linked into the stage),
+    and the picture is neither decoded nor carried into the output."""
+    cover = media.make("cover.png", ["-f", "lavfi", "-i", "testsrc2=size=64x64", "-frames:v", "1"])
+    tone = media.audio("for-cover.mp3", seconds=2)
+    src = media.make(
+        "with-cover.mp3",
+        ["-i", str(tone), "-i", str(cover), "-map", "0", "-map", "1", "-c:a", "copy", "-c:v", "png",
+         "-disposition:v", "attached_pic", "-id3v2_version", "3"],
+    )  # fmt: skip
+    run = pipeline(src)
+    dm = run["demux"]
+    assert (dm.kind, dm.in_place, dm.ffmpeg_format, dm.has_video) == ("audio", True, "mp3", False)
+    assert [f.name for f in run.dir("demux").iterdir()] == [dm.file]
+    assert (run.dir("demux") / dm.file).read_bytes() == src.read_bytes()
+    assert run["decode"].video_frames == 0 and run["decode"].decoded_duration == pytest.approx(2.0, abs=0.1)
+    seen = looker(run.dir("mux") / "media.webm")
+    assert (seen.audio_codec, seen.video_codec) == ("opus", None)
+    assert seen.duration == pytest.approx(2.0, abs=0.1)
+
+
+def test_an_audio_upload_of_unstated_length_is_refused_past_the_limit(
+    media: Any, profiles: Profiles, tmp_path: Path
+) -> None:
+    """Read in place, an upload is no longer cut at the longest length we accept (the copy into
+    Matroska cut it): one whose header does not state its length (a WebM written live) passes
+    the header check, and the decode check refuses it once it has decoded past the limit."""
+    live = media.make(
+        "live.webm",
+        ["-f", "lavfi", "-i", "sine=frequency=330:duration=6", "-c:a", "libopus", "-live", "1", "-f", "webm"],
+    )
+    limits = dataclasses.replace(profiles.limits, max_duration=4)
+    dm = stages.demux(live, tmp_path / "demux", limits=limits)
+    assert dm.in_place and dm.duration is None
+    with pytest.raises(TooLarge) as caught:
+        stages.decode(dm, tmp_path / "demux", tmp_path / "decode", limits=limits)
+    assert caught.value.message == "The file is longer than the 4 seconds we accept."
+    within = stages.decode(dm, tmp_path / "demux", tmp_path / "decode", limits=profiles.limits)
+    assert within.decoded_duration == pytest.approx(6.0, abs=0.1)
 
 
 def test_audio_can_be_chunked_too(song: Path, pipeline: Any, profiles: Profiles, tmp_path: Path) -> None:
