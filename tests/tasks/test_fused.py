@@ -1,0 +1,104 @@
+"""An image's chain as one task (``media.stage.fused``), run in-process: each stage is still
+started and finished through the lifecycle, a second delivery resumes at the first stage not
+done and counts it, and a cancel between two stages stops the task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from media_app import jobs, lifecycle
+from media_app.models import MediaItem, StatusEvent
+from tasks import bindings
+from tests.media import drawn_image
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+STAGES = ["decode", "normalize", "encode", "store"]
+
+
+@pytest.fixture
+def image(make_item, tmp_path, tmp_storage, settings, monkeypatch) -> MediaItem:
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    monkeypatch.setattr(jobs, "revoke", lambda task_ids: None)
+    item = make_item(drawn_image(tmp_path / "photo.jpg", size=(320, 240)))
+    MediaItem.objects.filter(pk=item.pk).update(kind="image")
+    lifecycle.upload_finished(item_id=item.pk)
+    lifecycle.queued(item_id=item.pk, send=False)  # the test runs the task itself
+    item.refresh_from_db()
+    return item
+
+
+def history(item: MediaItem) -> list[tuple[str, str, int]]:
+    rows = StatusEvent.objects.filter(item=item, status="Processing").order_by("pk")
+    return list(rows.values_list("stage", "message", "attempt"))
+
+
+def test_one_task_reports_every_stage_as_the_chain_did(image):
+    from tasks.stages import fused, process_links
+
+    (link,) = process_links(image)
+    assert link.task == "media.stage.fused"
+    fused.apply(args=[str(image.pk)], task_id="fused-1").get()
+
+    image.refresh_from_db()
+    assert (image.status, image.progress, image.task_id) == ("Completed", 100, "fused-1")
+    assert history(image) == [(s, f"{s} started", 1) for s in STAGES]
+    assert sorted(image.timings) == sorted(STAGES)
+    assert {r.role for r in image.renditions.all()} >= {"image_avif", "image_webp"}
+
+
+def test_a_second_delivery_resumes_at_the_stage_that_was_running_and_counts_it(image):
+    """As if the first delivery died during ``encode``: the second skips decode and normalize
+    without announcing them (that would reset the count), and the encode is attempt 2."""
+    from tasks.stages import STAGE_TASKS, fused
+
+    for stage in ("decode", "normalize"):
+        STAGE_TASKS[stage].apply(args=[str(image.pk)]).get()
+    assert lifecycle.stage_started(item_id=image.pk, stage="encode", task_id="fused-1", progress=30) == 1
+
+    fused.apply(args=[str(image.pk)], task_id="fused-1").get()
+
+    image.refresh_from_db()
+    assert image.status == "Completed", image.error_message
+    assert history(image) == [
+        ("decode", "decode started", 1),
+        ("normalize", "normalize started", 1),
+        ("encode", "encode started", 1),
+        ("encode", "encode started (attempt 2)", 2),
+        ("store", "store started", 1),
+    ]
+
+
+def test_a_file_that_kills_its_worker_every_time_is_stopped(image, settings):
+    from tasks.stages import fused
+
+    for _ in range(settings.MEDIA_MAX_ATTEMPTS):
+        lifecycle.stage_started(item_id=image.pk, stage="decode", task_id="fused-1", progress=0)
+
+    fused.apply(args=[str(image.pk)], task_id="fused-1")
+
+    image.refresh_from_db()
+    assert image.status == "Failed"
+    assert image.error_message == "Processing this file failed repeatedly and was stopped."
+
+
+def test_a_cancel_during_a_stage_stops_the_task_before_the_next(image, monkeypatch):
+    from tasks.stages import fused
+
+    real_run = bindings.run
+
+    def run(ctx: Any) -> Any:
+        result = real_run(ctx)
+        if ctx.stage == "normalize":
+            assert lifecycle.cancelled(item_id=ctx.item_id, message="Cancelled by an administrator.")
+        return result
+
+    monkeypatch.setattr(bindings, "run", run)
+    fused.apply(args=[str(image.pk)], task_id="fused-1")
+
+    image.refresh_from_db()
+    assert (image.status, image.error_code) == ("Failed", "cancelled")
+    assert [row[0] for row in history(image)] == ["decode", "normalize"]
+    assert not image.renditions.exists()
