@@ -281,6 +281,41 @@ def test_wide_gamut_photo_is_converted_on_both_halves(tmp_path: Path, out_dir: P
             assert close_to(rgb_at(im, (1000, 1500)), want["bottom"], tolerance=8), im.format
 
 
+def test_phone_jpeg_decoded_at_a_dct_scale_is_upright_and_converted(tmp_path: Path, out_dir: Path) -> None:
+    # A large JPEG is decoded by libjpeg-turbo at the smallest M/8 scale that still covers the
+    # output (here 5/8, which Pillow's draft cannot do), with the EXIF orientation and the
+    # Display P3 profile still read from the file and applied after the resize.
+    _register_heif()
+    p3: bytes = Image.open(REAL / "pug.heic").info["icc_profile"]
+    src = tmp_path / "phone.jpg"
+    left, right = (200, 60, 40), (40, 170, 90)
+    stored = Image.new("RGB", (3300, 2475), left)
+    stored.paste(right, (1650, 0, 3300, 2475))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise: stored left is shown on top
+    stored.save(src, "JPEG", quality=95, icc_profile=p3, exif=exif.tobytes())
+    with Image.open(src) as opened:
+        scaled = images._jpeg_scaled(str(src), opened, (2048, 1536))  # as stored
+    assert scaled is not None and scaled.size == (2063, 1547)  # 5/8, not full size
+    to_srgb = ImageCms.buildTransform(
+        ImageCms.ImageCmsProfile(io.BytesIO(p3)), ImageCms.createProfile("sRGB"), "RGB", "RGB"
+    )
+    want = {}
+    for name, colour in (("top", left), ("bottom", right)):
+        converted = ImageCms.applyTransform(Image.new("RGB", (1, 1), colour), to_srgb)
+        assert converted is not None
+        want[name] = rgb_at(converted, (0, 0))
+
+    _, plan, result = process(src, out_dir)
+
+    assert (plan.width, plan.height) == (1536, 2048)
+    for im in both_outputs(out_dir, result):
+        assert im.size == (1536, 2048)
+        assert not im.info.get("icc_profile") and len(im.getexif()) == 0
+        assert close_to(rgb_at(im, (768, 300)), want["top"], tolerance=8), (im.format, "top")
+        assert close_to(rgb_at(im, (768, 1750)), want["bottom"], tolerance=8), (im.format, "bottom")
+
+
 def test_heic_pixels_are_decoded_once_by_encode(out_dir: Path) -> None:
     # The decode stage proves a HEIF whole from its header and boxes; its HEVC tiles (a third of a
     # second of CPU for 12 MP) are decoded once, by encode. CPU time, so a busy machine cannot fail it.
