@@ -18,7 +18,7 @@ The state table (``docs/decisions.md`` gives the race each guard closes)::
     stage_finished    Processing at that stage                      progress at the stage's end, waiting since now
     stage_advanced    Processing at that stage                      Processing at the next stage, attempt 1 (fused)
     progressed        Processing, below that progress               that progress (no history row)
-    completed         Processing                                    Completed, 100 %
+    completed         Processing (at the last stage, fused)         Completed, 100 %
     failed            Pending or Processing                         Failed with a reason
     cancelled         Pending or Processing                         Failed/cancelled; its task killed after commit
     reset             Failed (retry), Completed or Failed (reprocess)  Pending, upload finished, not queued
@@ -135,12 +135,10 @@ def _apply(
     history: bool = True,
     after_commit: Callable[[MediaItem], None] | None = None,
     deleted: bool = False,
-    announce: bool = True,
 ) -> MediaItem | None:
     """One conditional UPDATE; on success a history row and, after commit, ``after_commit`` and
-    the broadcast (unless not ``announce``: a transition the caller follows at once with another
-    one, which watchers hear instead). Returns the item as updated, or None when the item is not
-    in a state ``where`` allows (or is gone)."""
+    the broadcast. Returns the item as updated, or None when the item is not in a state ``where``
+    allows (or is gone)."""
     with transaction.atomic():
         applied = MediaItem.objects.filter(Q(pk=item_id) & where).update(
             **changes, event_seq=F("event_seq") + 1, updated_at=timezone.now()
@@ -160,8 +158,7 @@ def _apply(
             )
         if after_commit is not None:
             transaction.on_commit(lambda: after_commit(item))
-        if announce:
-            transaction.on_commit(lambda: broadcast(item, deleted=deleted))
+        transaction.on_commit(lambda: broadcast(item, deleted=deleted))
     return item
 
 
@@ -241,12 +238,10 @@ def chain_started(*, item_id: Any, entry_task_id: str, first_task_id: str, detec
     return _apply(item_id, where, changes, history=False) is not None
 
 
-def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int, left_line: bool = True) -> int | None:
+def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int) -> int | None:
     """A stage task begins: Processing at ``stage``. Returns the delivery number of this stage
     (counted in the database, so a delivery whose worker was SIGKILLed still counts), or None
-    when the item is final (cancelled, failed, completed) or gone: the stage must not run.
-    ``left_line=False``: the stage follows the previous one in the same task (a fused chain), so
-    it took no place in a queue's line and those waiting there need not be told anything."""
+    when the item is final (cancelled, failed, completed) or gone: the stage must not run."""
     now = timezone.now()
     changes = {
         "attempts": Case(When(Q(status=PROCESSING, stage=stage), then=F("attempts") + 1), default=Value(1)),
@@ -265,10 +260,9 @@ def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int, left
         item = _apply(item_id, QUEUED | Q(status=PROCESSING), changes, history=False)
         if item is None:
             return None
-        if left_line:
-            # It left its line: those behind it moved up.
-            kind = item.kind
-            transaction.on_commit(lambda: line_moved(kind=kind))
+        # It left its line: those behind it moved up.
+        kind = item.kind
+        transaction.on_commit(lambda: line_moved(kind=kind))
         attempt = item.attempts
         StatusEvent.objects.create(
             item=item,
@@ -288,13 +282,9 @@ def stage_finished(
     progress: int,
     seconds: float | None = None,
     peak_child_rss: int = 0,
-    waits: bool = True,
 ) -> bool:
     """A stage's result is committed: progress moves to its end. False if the item was cancelled
-    (or finished) meanwhile: the chain must stop. ``waits=False``: the next stage (or the
-    completion) follows at once in the same task (a fused chain): the item is not waiting for a
-    worker, and watchers hear this progress with that next transition instead of in an event of
-    its own (a broadcast costs a Redis round trip and the payload's queries)."""
+    (or finished) meanwhile: the chain must stop."""
     with transaction.atomic():
         row = (
             MediaItem.objects.select_for_update()
@@ -308,7 +298,7 @@ def stage_finished(
             "progress": Greatest(F("progress"), Value(min(progress, 99))),
             "peak_child_rss": Greatest(F("peak_child_rss"), Value(peak_child_rss)),
             # Its next stage is queued now (or the chain's last link): it waits for a worker.
-            "waiting_since": timezone.now() if waits else None,
+            "waiting_since": timezone.now(),
         }
         if seconds is not None:
             changes["timings"] = {**(row["timings"] or {}), stage: round(seconds, 3)}
@@ -319,7 +309,6 @@ def stage_finished(
             changes,
             message=message,
             history=seconds is None,
-            announce=waits,
         )
         return item is not None
 
@@ -390,9 +379,12 @@ def progressed(*, item_id: Any, progress: int, eta_seconds: float | None = None)
     return _apply(item_id, where, {"progress": progress, "eta_seconds": eta_seconds}, history=False) is not None
 
 
-def completed(*, item_id: Any) -> bool:
-    """The chain's last link: Completed, 100 %. Never over a cancel or a failure."""
-    changes = {
+def completed(*, item_id: Any, stage: str = "", seconds: float | None = None, peak_child_rss: int = 0) -> bool:
+    """The chain's last link: Completed, 100 %. Never over a cancel or a failure.
+    ``stage``: the last stage ran in the same task (a fused chain) and is finished by this same
+    write (its ``seconds`` and peak recorded as ``stage_finished`` would): it applies only while
+    the item is Processing at that stage."""
+    changes: dict[str, Any] = {
         "status": COMPLETED,
         "stage": "",
         "progress": 100,
@@ -400,7 +392,17 @@ def completed(*, item_id: Any) -> bool:
         "waiting_since": None,
         "finished_at": timezone.now(),
     }
-    return _apply(item_id, Q(status=PROCESSING), changes, message="Completed") is not None
+    if not stage:
+        return _apply(item_id, Q(status=PROCESSING), changes, message="Completed") is not None
+    with transaction.atomic():
+        where = Q(status=PROCESSING, stage=stage)
+        row = MediaItem.objects.select_for_update().filter(Q(pk=item_id) & where).values("timings").first()
+        if row is None:
+            return False
+        changes["peak_child_rss"] = Greatest(F("peak_child_rss"), Value(peak_child_rss))
+        if seconds is not None:
+            changes["timings"] = {**(row["timings"] or {}), stage: round(seconds, 3)}
+        return _apply(item_id, where, changes, message="Completed") is not None
 
 
 def failed(*, item_id: Any, error: ErrorReport, message: str = "", source_gone: bool = False) -> bool:

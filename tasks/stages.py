@@ -284,15 +284,17 @@ def run_fused(task: Task, item_id: str) -> None:
                 next_progress=int(bindings.progress_span(item.kind, following)[0]),
             )
         else:
-            finished = lifecycle.stage_finished(
-                item_id=item_id, stage=stage, progress=end, seconds=ran.seconds, peak_child_rss=ran.peak, waits=False
-            )
-            next_attempt = attempt if finished else None
+            # The last stage's end is the item's completion: one write.
+            done = lifecycle.completed(item_id=item_id, stage=stage, seconds=ran.seconds, peak_child_rss=ran.peak)
+            next_attempt = attempt if done else None
         log_run(task, item_id, stage, attempt, ran, next_attempt is not None)
         if next_attempt is None:
             raise Ignore()  # cancelled while it ran: its result stays in storage
         attempt = next_attempt
-    finish_item(item_id)
+    if todo:
+        clear_work(item_id)
+    else:
+        finish_item(item_id)  # every stage was done already: a delivery after the last one
 
 
 @shared_task(bind=True, base=StageTask, name="media.stage.fused")
@@ -437,8 +439,13 @@ def finish(self: Task, item_id: str) -> None:
 
 def finish_item(item_id: str) -> None:
     if lifecycle.completed(item_id=item_id):
-        workspace.clear(item_id)
-        storage_delete_tree(workspace.stored_prefix(item_id))
+        clear_work(item_id)
+
+
+def clear_work(item_id: str) -> None:
+    """A completed item's stage files, on this host and in storage: nothing reads them again."""
+    workspace.clear(item_id)
+    storage_delete_tree(workspace.stored_prefix(item_id))
 
 
 def chain_links(item: MediaItem) -> list[Any]:

@@ -47,7 +47,7 @@ def test_cancel_racing_a_stage_advance_never_leaves_a_cancelled_item_running(mak
             assert started == 0
         # Whatever the running copy does next, the cancel stands.
         assert advance(item, task_id) is None
-        assert not lifecycle.stage_finished(item_id=item.pk, stage="normalize", progress=30, seconds=0.1, waits=False)
+        assert not lifecycle.completed(item_id=item.pk, stage="normalize", seconds=0.1)
         assert not lifecycle.completed(item_id=item.pk)
         item.refresh_from_db()
         assert item.status == "Failed"
