@@ -5,9 +5,10 @@ a frozen result that round-trips through JSON (``pipelines.results``); file name
 relative to the stage's directory, which the caller renames into place afterwards.
 
 Where the time goes (60 s of 720p on two cores): the AV1 encode is nearly all of it, so every
-other pass is built to be cheap. Demux, mux and chunk only copy packets; the decode check
-decodes key frames and audio, not every video frame; loudness is measured on the audio alone
-with ``ebur128`` and applied as a gain in the encode's own filter graph.
+other pass is built to be cheap. Demux, mux and chunk only copy packets (an audio-only upload
+is not even copied: it is read in place); the decode check decodes key frames and audio, not
+every video frame, and measures the audio's loudness (``ebur128``) in the same pass; the
+loudness is applied as a gain in the encode's own filter graph.
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ def demux(src: Path, out_dir: Path, *, limits: Limits, detected: Detected | None
 
     Copying costs almost nothing and leaves later stages a file whose demuxer we choose,
     without subtitles, data streams, attachments, chapters or metadata (GPS tags included).
+    An audio-only upload in a container of ``_READ_IN_PLACE`` is linked, not copied.
     ``detected``: the sniff and probe made when the item was queued, so they are not repeated.
     """
     with _timed("demux", src=src.name):
