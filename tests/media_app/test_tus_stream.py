@@ -26,7 +26,10 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("
 MESSAGE = 64 * 1024  # what uvicorn hands on per receive() at most, about
 
 
-def _scope(item_id: Any, key: str, offset: int, length: int) -> dict[str, Any]:
+def _scope(
+    item_id: Any, key: str, offset: int, length: int, *, create: dict[bytes, bytes] | None = None
+) -> dict[str, Any]:
+    """A PATCH at ``offset``; with ``create`` (more headers), a POST that creates an upload with its first bytes."""
     headers = {
         b"host": b"testserver",
         b"authorization": f"Token {key}".encode(),
@@ -34,15 +37,17 @@ def _scope(item_id: Any, key: str, offset: int, length: int) -> dict[str, Any]:
         b"upload-offset": str(offset).encode(),
         b"content-type": b"application/offset+octet-stream",
         b"content-length": str(length).encode(),
+        **(create or {}),
     }
+    path = "/api/tus/" if create else f"/api/tus/{item_id}"
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "PATCH",
+        "method": "POST" if create else "PATCH",
         "scheme": "http",
-        "path": f"/api/tus/{item_id}",
-        "raw_path": f"/api/tus/{item_id}".encode(),
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": list(headers.items()),
@@ -130,3 +135,15 @@ def test_a_client_gone_mid_chunk_records_nothing_and_the_upload_resumes(upload):
     half = len(data) // 2
     status, headers, _ = _patch(_scope(item.pk, key, 0, half), data[:half])
     assert (status, headers["upload-offset"]) == (204, str(half))
+
+
+def test_creation_with_upload_streams_its_first_chunk_too(upload):
+    _, key, data = upload
+    half = len(data) // 2
+    create = {b"upload-length": str(len(data)).encode(), b"upload-metadata": b"filename Y2xpcC5tcDQ="}
+
+    status, headers, _ = _patch(_scope(None, key, 0, half, create=create), data[:half])
+
+    assert (status, headers["upload-offset"]) == (201, str(half))
+    item = MediaItem.objects.get(pk=headers["location"].rsplit("/", 1)[1])
+    assert item.upload_received == half == _stored(item)
