@@ -102,3 +102,30 @@ def test_a_cancel_during_a_stage_stops_the_task_before_the_next(image, monkeypat
     assert (image.status, image.error_code) == ("Failed", "cancelled")
     assert [row[0] for row in history(image)] == ["decode", "normalize"]
     assert not image.renditions.exists()
+
+
+def test_a_retryable_error_retries_the_task_from_the_stage_that_failed(image, monkeypatch):
+    """The retry policy is the stage tasks' (StageTask): the retried delivery starts again at the
+    failed stage, which counts a second attempt; the stages before it are not run again."""
+    from tasks.stages import fused
+
+    real_run = bindings.run
+    runs: list[str] = []
+
+    def run(ctx: Any) -> Any:
+        runs.append(ctx.stage)
+        if ctx.stage == "encode" and runs.count("encode") == 1:
+            raise ConnectionError("storage blinked")
+        return real_run(ctx)
+
+    monkeypatch.setattr(bindings, "run", run)
+    fused.apply(args=[str(image.pk)], task_id="fused-1")
+
+    image.refresh_from_db()
+    assert image.status == "Completed", image.error_detail
+    assert runs == ["decode", "normalize", "encode", "encode", "store"]
+    assert history(image)[2:] == [
+        ("encode", "encode started", 1),
+        ("encode", "encode started (attempt 2)", 2),
+        ("store", "store started", 1),
+    ]
