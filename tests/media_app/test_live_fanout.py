@@ -202,3 +202,62 @@ def test_after_redis_restarts_events_flow_again_and_the_log_has_no_traceback(
     log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
     assert log.count("Redis unreachable") == 1  # one line for the outage, not one a second
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def _open_protocol() -> Any:
+    """uvicorn's protocol object in the state of an accepted socket (what ``frame_writer`` reads)."""
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.protocol import State
+    from websockets.server import ServerProtocol
+
+    proto = WebSocketsSansIOProtocol.__new__(WebSocketsSansIOProtocol)
+    proto.writable = asyncio.Event()
+    proto.writable.set()
+    proto.conn = ServerProtocol()
+    proto.conn.state = State.OPEN
+    proto.transport = _Transport()
+    proto.handshake_complete, proto.close_sent, proto.disconnected = True, False, False
+    return proto
+
+
+def test_the_prebuilt_frame_is_what_uvicorn_would_send():
+    from media_app.consumers import text_frame
+
+    proto = _open_protocol()
+    text = json.dumps({"type": "media.status", "seq": 7, "item": {"id": "x", "pad": "é" * 300}})
+    proto.conn.send_text(text.encode())
+    assert text_frame(text) == b"".join(proto.conn.data_to_send())
+
+
+def test_a_frame_is_written_directly_only_when_uvicorn_would_send_at_once():
+    # Otherwise the caller goes through uvicorn's send, which waits (flow control) or raises.
+    from websockets.protocol import State
+
+    from media_app.consumers import frame_writer
+
+    proto = _open_protocol()
+    write = frame_writer(proto.send)
+    assert write is not None
+    assert write(b"one") is True
+    proto.writable.clear()  # the client is not reading: its buffer is full
+    assert write(b"two") is False
+    proto.writable.set()
+    proto.conn.state = State.CLOSING  # the client has sent its close
+    assert write(b"three") is False
+    proto.conn.state = State.OPEN
+    proto.close_sent = True
+    assert write(b"four") is False
+    assert proto.transport.written == [b"one"]
+    assert frame_writer(lambda message: None) is None  # another server: its ASGI send only
