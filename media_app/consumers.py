@@ -33,14 +33,15 @@ from rest_framework import exceptions
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-try:  # uvicorn's default websocket implementation (websockets' sans-I/O protocol)
-    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-except ImportError:  # pragma: no cover - another server, or an older uvicorn: the ASGI send only
-    WebSocketsSansIOProtocol = None
-
 from media_app.graphql.context import authenticate_websocket
 from media_app.selectors import media_item_payload, media_items_for_user
 from media_app.services import item_group, owner_group
+
+_SANSIO: type[Any] | None
+try:  # uvicorn's default websocket implementation (websockets' sans-I/O protocol)
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol as _SANSIO
+except ImportError:  # pragma: no cover - another server, or an older uvicorn: the ASGI send only
+    _SANSIO = None
 
 logger = logging.getLogger("media_app.sockets")
 
@@ -81,8 +82,8 @@ def frame_writer(send: Any) -> Callable[[bytes], bool] | None:
     returns False and the caller goes through ``send``, which waits or raises as it always does.
     A frame is written whole in one ``write``, so uvicorn's own frames (pings, close) never
     interleave within it."""
-    proto = getattr(send, "__self__", None)
-    if WebSocketsSansIOProtocol is None or type(proto) is not WebSocketsSansIOProtocol:
+    proto: Any = getattr(send, "__self__", None)
+    if _SANSIO is None or type(proto) is not _SANSIO:
         return None
     writable, conn, transport = proto.writable, proto.conn, proto.transport
 
