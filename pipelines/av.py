@@ -30,6 +30,7 @@ from typing import Literal
 
 import ffmpeg
 
+from pipelines import h264
 from pipelines.detect import Detected
 from pipelines.errors import Cancelled, InvalidInput, MediaError, TooLarge, UnsupportedCodec
 from pipelines.ladder import TOP, Rung, plan_ladder
@@ -168,6 +169,7 @@ class EncodeResult:
     seconds: float
     # Every rung of the video's ladder (the first is ``file`` itself); () for audio.
     rungs: tuple[Rung, ...] = ()
+    aac: str = ""  # the H.264 fallback's AAC track (``h264.AAC_FILE``), when the profile has it
 
 
 @dataclass(frozen=True)
@@ -741,6 +743,7 @@ def encode(
         codecs = []
         rungs: tuple[Rung, ...] = ()
         extra_outputs: list[str] = []
+        aac = ""
         if plan.video is not None and filters.video is not None:
             seg = vp.segment_seconds
             # SVT-AV1's own GOP is ~5 s; DASH cuts segments at key frames, so force one at every
@@ -764,6 +767,10 @@ def encode(
         if plan.audio is not None and filters.audio is not None:
             args += ["-map", "0:a:0", "-af", filters.audio, *audio_codec_args(plan.audio, profiles)]
             codecs.append("opus")
+            if any(r.codec == "h264" for r in rungs):  # its own output of the same decoded audio
+                aac = h264.AAC_FILE
+                extra_outputs += ["-map", "0:a:0", "-af", filters.audio, *h264.aac_args(plan.audio, profiles),
+                                  "-vn", *_CLEAN, "-f", "matroska", str(out_dir / h264.AAC_FILE)]  # fmt: skip
         else:
             args += ["-an"]
         name = "encoded.mkv" if demuxed.kind == "video" else "encoded.mka"
@@ -783,6 +790,7 @@ def encode(
             duration=round(result.out_time, 3) if result.out_time else plan.duration,
             seconds=round(result.seconds, 3),
             rungs=rungs,
+            aac=aac,
         )
 
 
@@ -820,8 +828,10 @@ def ladder_graph(video_filter: str, rungs: tuple[Rung, ...], *, source: str = "[
 
 def rung_codec_args(rung: Rung, video: VideoPlan, profiles: Profiles, key_frames: str) -> list[str]:
     """The encoder's options for one rung: AV1 as ``video_codec_args`` with the rung's cap, or
-    VP9 (libvpx-vp9, constrained quality, the same GOP and forced key frames)."""
+    VP9 (libvpx-vp9, constrained quality, the same GOP and forced key frames), or H.264."""
     vp = profiles.video
+    if rung.codec == "h264":
+        return h264.codec_args(rung, video, profiles, key_frames)
     if rung.codec == "av1":
         if rung.file != TOP and vp.ladder_preset_step:
             faster = dataclasses.replace(vp, preset=min(13, vp.preset + vp.ladder_preset_step))
@@ -917,7 +927,8 @@ def chunk(
     re-encode) at the key frames the encode placed, all rungs on the same ones.
 
     Adaptation sets: the AV1 rungs (the WebM's video first), the VP9 rungs, the Opus audio, so
-    a player picks the codec it can decode and then switches between that set's rungs.
+    a player picks the codec it can decode and then switches between that set's rungs; with the
+    profile's H.264 fallback, also its H.264 rungs and AAC audio in MP4 segments (``h264``).
     """
     with _timed("chunk", kind=muxed.kind):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -926,37 +937,40 @@ def chunk(
         has_video = main.role == "video"
         has_audio = main.role == "audio" or "opus" in main.codec
         others = list(encoded.rungs[1:]) if encoded and encode_dir and has_video else []
-        # Output stream order: the WebM's video, the other rungs, the audio last.
-        files = [mux_dir / muxed.file, *[encode_dir / r.file for r in others if encode_dir is not None]]
+        aac = encoded.aac if encoded and encode_dir and has_video else ""
+        # Input order: the WebM, the other rungs, the fallback's AAC; each output's stream order:
+        # video rungs, audio last. The H.264/AAC fallback (MP4 segments) is a second output.
+        files = [mux_dir / muxed.file, *[encode_dir / f for f in [r.file for r in others] + [aac] if f and encode_dir]]
         maps: list[str] = []
+        mp4_maps: list[str] = []
         codec_of: list[str] = []
+        mp4_codecs: list[str] = []
         if has_video:
             maps += ["-map", "0:v:0"]
             codec_of.append("av1")
         for i, rung in enumerate(others, start=1):
-            maps += ["-map", f"{i}:v:0"]
-            codec_of.append(rung.codec)
+            (mp4_maps if rung.codec == "h264" else maps).extend(["-map", f"{i}:v:0"])
+            (mp4_codecs if rung.codec == "h264" else codec_of).append(rung.codec)
         if has_audio:
             maps += ["-map", "0:a:0"]
             codec_of.append("opus")
-        sets: list[str] = []
-        for codec in ("av1", "vp9", "opus"):
-            ids = [str(i) for i, c in enumerate(codec_of) if c == codec]
-            if ids:
-                sets.append(f"id={len(sets)},streams={','.join(ids)}")
+        if aac:
+            mp4_maps += ["-map", f"{len(others) + 1}:a:0"]
+            mp4_codecs.append("aac")
         manifest = out_dir / "manifest.mpd"
+        fallback = out_dir / "fallback"
+        dash = [*_dash_args(codec_of, "webm", seg), str(manifest)]
+        if mp4_maps:
+            shutil.rmtree(fallback, ignore_errors=True)
+            fallback.mkdir()
+            dash += [*mp4_maps, *_dash_args(mp4_codecs, "mp4", seg), str(fallback / manifest.name)]
         with contextlib.ExitStack() as stack:
             inputs = [stack.enter_context(open_input(f, MATROSKA)) for f in files]
-            run_ffmpeg(
-                [*[a for inp in inputs for a in inp.args()], *maps, "-c", "copy", "-f", "dash",
-                 "-dash_segment_type", "webm",
-                 "-seg_duration", f"{seg:g}", "-use_template", "1", "-use_timeline", "1",
-                 "-adaptation_sets", " ".join(sets),
-                 "-init_seg_name", "init-$RepresentationID$.webm",
-                 "-media_seg_name", "chunk-$RepresentationID$-$Number%05d$.webm",
-                 str(manifest)],
-                limits=limits, pass_fds=[inp.fd for inp in inputs],
-            )  # fmt: skip
+            run_ffmpeg([*[a for inp in inputs for a in inp.args()], *maps, *dash], limits=limits,
+                       pass_fds=[inp.fd for inp in inputs])  # fmt: skip
+        if mp4_maps:
+            h264.merge_manifest(manifest, fallback, first_id=len(codec_of))
+            codec_of += mp4_codecs
         outputs = [
             Output(
                 role="manifest",
@@ -965,14 +979,16 @@ def chunk(
                 bytes=manifest.stat().st_size,
             )
         ]
-        for path in sorted(out_dir.glob("*.webm"), key=_segment_order):
+        segments = [*out_dir.glob("*.webm"), *out_dir.glob("*.m4s")]
+        for path in sorted(segments, key=_segment_order):
             rep = path.stem.split("-")[1]
             codec = codec_of[int(rep)] if rep.isdigit() and int(rep) < len(codec_of) else "opus"
+            kind = "audio" if codec in ("opus", "aac") else "video"
             outputs.append(
                 Output(
                     role="segment",
                     file=path.name,
-                    content_type="audio/webm" if codec == "opus" else "video/webm",
+                    content_type=f"{kind}/{'mp4' if path.suffix == '.m4s' else 'webm'}",
                     codec=codec,
                     bytes=path.stat().st_size,
                 )
@@ -980,8 +996,23 @@ def chunk(
         return ChunkResult(manifest=manifest.name, segment_seconds=seg, outputs=tuple(outputs))
 
 
+def _dash_args(codecs: list[str], segment_type: str, seg: float) -> list[str]:
+    """One dash output's options: an adaptation set per codec (in ladder order), the stage's
+    segment names (``$ext$``: webm, or m4s for MP4 segments)."""
+    sets: list[str] = []
+    for codec in ("av1", "vp9", "h264", "opus", "aac"):
+        ids = [str(i) for i, c in enumerate(codecs) if c == codec]
+        if ids:
+            sets.append(f"id={len(sets)},streams={','.join(ids)}")
+    return ["-c", "copy", "-f", "dash", "-dash_segment_type", segment_type,
+            "-seg_duration", f"{seg:g}", "-use_template", "1", "-use_timeline", "1",
+            "-adaptation_sets", " ".join(sets),
+            "-init_seg_name", "init-$RepresentationID$.$ext$",
+            "-media_seg_name", "chunk-$RepresentationID$-$Number%05d$.$ext$"]  # fmt: skip
+
+
 def _segment_order(path: Path) -> tuple[str, int, int]:
-    # init-<rep>.webm first, then chunk-<rep>-<n>.webm in number order.
+    # init-<rep>.webm first, then chunk-<rep>-<n>.webm in number order (.m4s likewise).
     parts = path.stem.split("-")
     number = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else -1
     return (parts[1] if len(parts) > 1 else "", 0 if parts[0] == "init" else 1, number)

@@ -5,7 +5,8 @@ same frame grid with the same forced key frames, so all representations share th
 boundaries and a player may switch at any of them. The top AV1 rung is the planned size (the
 progressive WebM download); lower AV1 rungs come from the profile's ladder, never above the
 top. VP9 is the fallback for browsers without AV1 decoding: its own rungs, at least
-``vp9_min_rungs`` of them, so even a tiny source gets a choice.
+``vp9_min_rungs`` of them, so even a tiny source gets a choice. H.264 rungs come last, only when
+the operator turns ``h264_fallback`` on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ TOP = "encoded.mkv"  # the top AV1 rung: the whole-file encode's own output (vid
 
 @dataclass(frozen=True)
 class Rung:
-    codec: str  # "av1" or "vp9"
+    codec: str  # "av1", "vp9" or "h264"
     width: int
     height: int
     max_bitrate: int  # bits per second (0: uncapped CRF)
@@ -35,7 +36,7 @@ class Rung:
 
 def plan_ladder(width: int, height: int, source_cap: int, vp: VideoProfile) -> tuple[Rung, ...]:
     """The rungs for a video planned at ``width`` x ``height`` (the top rung), largest first
-    per codec, AV1 before VP9. ``source_cap``: the source-derived bitrate cap (0: none), which
+    per codec, AV1, then VP9, then H.264 (if on). ``source_cap``: the source-derived bitrate cap (0: none), which
     no rung exceeds."""
     short = min(width, height)
     av1 = _pairs(vp.ladder)
@@ -57,7 +58,23 @@ def plan_ladder(width: int, height: int, source_cap: int, vp: VideoProfile) -> t
             vp9.append(Rung("vp9", *size, _cap(kbps, source_cap), f"vp9-{min(size)}.mkv"))
         lines, kbps = _even(lines / 2), kbps // 2
     vp9.sort(key=lambda r: -r.lines)
-    return (*rungs, *vp9)
+    return (*rungs, *vp9, *_h264(width, height, source_cap, vp))
+
+
+def _h264(width: int, height: int, source_cap: int, vp: VideoProfile) -> list[Rung]:
+    """The operator's H.264 fallback (``h264_fallback``; none by default): the ladder's rungs not
+    above the planned size, or the planned size alone when the source is smaller than them all."""
+    if not vp.h264_fallback:
+        return []
+    short, ladder = min(width, height), _pairs(vp.h264_ladder)
+    rungs: list[Rung] = []
+    for lines, kbps in ladder:
+        size = _scaled(width, height, lines) if lines <= short else None
+        if size is not None and all(r.lines != min(size) for r in rungs):
+            rungs.append(Rung("h264", *size, _cap(kbps * 1000, source_cap), f"h264-{min(size)}.mkv"))
+    if not rungs:
+        rungs.append(Rung("h264", width, height, _cap(_cap_for(short, ladder), source_cap), f"h264-{short}.mkv"))
+    return rungs
 
 
 def _pairs(ladder: Iterable[Sequence[int]]) -> list[tuple[int, int]]:

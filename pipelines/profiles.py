@@ -48,6 +48,15 @@ class VideoProfile:
     vp9_crf: int = 40
     vp9_deadline: str = "realtime"
     vp9_cpu_used: int = 8
+    # An H.264/AAC fallback (libx264 and ffmpeg's aac, in MP4 segments) for players that decode
+    # neither AV1 nor VP9: its own adaptation sets in the same manifest, from the same decode and
+    # on the same key frames. Off: H.264 and AAC are patent-licensed codecs, and the product
+    # promises royalty-free formats (README). Its rungs follow ``vp9_ladder``'s rule (none above
+    # the planned size; a smaller source gets its own size); capped CRF like the others.
+    h264_fallback: bool = False
+    h264_ladder: tuple[tuple[int, int], ...] = ((720, 3000), (360, 900))
+    h264_crf: int = 23
+    h264_preset: str = "veryfast"
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class AudioProfile:
     min_bitrate: str = "8k"  # never below (AMR voice memos run at 4.75 to 12.2 kb/s)
     sample_rate: int = 48000  # Opus only runs at 48 kHz (or its divisors)
     max_channels: int = 2
+    aac_bitrate: str = "128k"  # the H.264 fallback's AAC track (``VideoProfile.h264_fallback``), stereo; mono half
     # EBU R128 loudness normalisation targets (integrated, true peak, range).
     loudness_i: float = -16.0
     loudness_tp: float = -1.5
