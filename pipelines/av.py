@@ -7,8 +7,9 @@ relative to the stage's directory, which the caller renames into place afterward
 Where the time goes (60 s of 720p on two cores): the AV1 encode is nearly all of it, so every
 other pass is built to be cheap. Demux, mux and chunk only copy packets (an audio-only upload
 is not even copied: it is read in place); the decode check decodes key frames and audio, not
-every video frame, and measures the audio's loudness (``ebur128``) in the same pass; the
-loudness is applied as a gain in the encode's own filter graph.
+every video frame. The audio's loudness is measured (``ebur128``) in the encode's own filter
+graph and applied as the Opus header's output gain (``pipelines.opus_gain``), which every
+decoder applies: no pass of its own before the encode, and no gain baked into the samples.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Literal
 
 import ffmpeg
 
-from pipelines import h264
+from pipelines import h264, opus_gain
 from pipelines.detect import Detected
 from pipelines.errors import Cancelled, InvalidInput, MediaError, TooLarge, UnsupportedCodec
 from pipelines.ladder import TOP, Rung, plan_ladder
@@ -92,8 +93,8 @@ class DecodeResult:
     video_frames: int  # frames decoded (key frames only unless ``full_video``)
     full_video: bool
     seconds: float
-    # EBU R128 of the first audio stream, measured in the same pass (None: no audio, or a result
-    # stored before the decode measured it, when ``normalize`` measures in a pass of its own).
+    # EBU R128 of the first audio stream, which the decode check measured in an earlier version
+    # (a result stored then still plans a ``volume`` gain); now None: the encode measures.
     loudness: Loudness | None = None
 
 
@@ -156,6 +157,9 @@ class NormalizePlan:
 class FilterSpec:
     video: str | None  # -vf graph, or None for audio-only
     audio: str | None  # -af graph, or None when there is no audio
+    # The audio graph ends in ``LOUDNESS_FILTER``: the encode reads its summary and writes the
+    # gain into the Opus header (``apply_loudness``). False: a gain is in the graph, or none.
+    loudness_in_encode: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,10 @@ class EncodeResult:
     seconds: float
     # Every rung of the video's ladder (the first is ``file`` itself); () for audio.
     rungs: tuple[Rung, ...] = ()
+    # What the encode measured of the audio it encoded, and the Opus output gain it wrote from
+    # that (None: the filter graph applied the plan's gain, or there is no audio).
+    loudness: Loudness | None = None
+    gain_db: float | None = None
     aac: str = ""  # the H.264 fallback's AAC track (``h264.AAC_FILE``), when the profile has it
 
 
@@ -324,9 +332,8 @@ def decode(
     while key frames catch what fails in practice (wrong codec, broken headers, garbage) and the
     encode tolerates a damaged frame here and there the same way a full decode would.
 
-    The audio's loudness (``ebur128``) is measured in the same pass, on the frames the check
-    decodes anyway: a pass of its own decoded the whole audio a second time (0.55 s of 2.25 s
-    for a 60 s song).
+    The audio's loudness is not measured here but in the encode's graph (``apply_loudness``):
+    its true peak (``ebur128`` at 4x the rate) was most of this pass's cost for a song.
     """
     with _timed("decode", kind=demuxed.kind):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,7 +359,6 @@ def decode(
             video_frames=result.frames,
             full_video=not keyframes_only,
             seconds=round(result.seconds, 3),
-            loudness=parse_ebur128(result.stderr) if demuxed.has_audio else None,
         )
 
 
@@ -371,10 +377,9 @@ def _decode_pass(
     # only a little past the longest length we accept, which is then refused.
     maps = ("-map", "0:a:0?") if demuxed.in_place else ("-map", "0:v:0?", "-map", "0:a:0?")
     bound = ("-t", f"{limits.max_duration + 1:.0f}") if demuxed.in_place else ()
-    loudness = ("-af", LOUDNESS_FILTER) if demuxed.has_audio else ()
     with open_input(demux_dir / demuxed.file, demuxed.ffmpeg_format) as inp:
         return run_ffmpeg(
-            [*inp.args(*extra), *maps, *loudness, *bound, "-f", "null", "-"],
+            [*inp.args(*extra), *maps, *bound, "-f", "null", "-"],
             limits=limits, duration=demuxed.duration, progress=progress, pass_fds=[inp.fd],
         )  # fmt: skip
 
@@ -392,10 +397,14 @@ def normalize(
     progress: Progress | None = None,
     decoded: DecodeResult | None = None,
 ) -> NormalizePlan:
-    """Decide the output's size, rate, format and loudness gain.
+    """Decide the output's size, rate, format and, when it must be known before the encode,
+    the loudness gain.
 
-    The loudness is the one ``decode`` measured; only without it (no ``decoded``, or a decode
-    result stored by a version that did not measure) is it measured here, in a pass of its own.
+    Normally it need not: the encode measures the audio it encodes and writes the gain into the
+    Opus header (``apply_loudness``), and the plan's ``loudness`` stays None. A decode result
+    stored by an earlier version brings its measurement, which is used. Only the H.264
+    fallback's AAC track, whose format has no gain a player applies, needs the gain in the
+    samples, so only then is the loudness measured here, in a pass of its own.
     """
     with _timed("normalize", kind=demuxed.kind):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -407,7 +416,7 @@ def normalize(
         audio_plan = None
         if demuxed.has_audio and info.audio is not None:
             loudness = decoded.loudness if decoded is not None else None
-            if loudness is None:
+            if loudness is None and _gain_in_samples(video_plan, profiles):
                 loudness = measure_loudness(
                     demux_dir / demuxed.file,
                     demuxed.ffmpeg_format,
@@ -417,6 +426,12 @@ def normalize(
                 )
             audio_plan = _audio_plan(info.audio, loudness, profiles)
         return NormalizePlan(kind=demuxed.kind, duration=duration, video=video_plan, audio=audio_plan)
+
+
+def _gain_in_samples(video: VideoPlan | None, profiles: Profiles) -> bool:
+    """Whether an output of the audio cannot carry the gain in a header: the AAC track of the
+    H.264 fallback (``h264``), encoded from the same audio graph as the Opus."""
+    return video is not None and any(r.codec == "h264" for r in video_rungs(video, profiles))
 
 
 def _video_plan(video: StreamInfo, profiles: Profiles) -> VideoPlan:
@@ -682,9 +697,12 @@ def build_filters(
 
     Loudness, by default, is a single linear gain that reaches the target or stops at the
     true-peak ceiling, i.e. what ``loudnorm`` does in ``linear=true`` mode minus its fallback to
-    dynamic compression. ``loudness_method="loudnorm"`` gives the two-pass loudnorm graph; it
-    costs ~2.7 s per minute of audio (it processes at 192 kHz), which alone would break the
-    20x realtime target for audio.
+    dynamic compression. With no measurement in the plan, the graph ends in ``ebur128`` and the
+    encode writes that gain into the Opus header (``apply_loudness``); with one (an AAC track
+    to make, a plan stored by an earlier version) the graph applies it (``volume``).
+    ``loudness_method="loudnorm"`` gives the two-pass loudnorm graph (it needs the plan's
+    measurement); it costs ~2.7 s per minute of audio (it processes at 192 kHz), which alone
+    would break the 20x realtime target for audio.
     """
     video = None
     if plan.video is not None:
@@ -699,6 +717,7 @@ def build_filters(
             ]
         )
     audio = None
+    in_encode = False
     if plan.audio is not None:
         a = plan.audio
         ap = profiles.audio
@@ -713,10 +732,14 @@ def build_filters(
             f"aresample={a.sample_rate}:async=1",
             f"aformat=sample_fmts=flt:sample_rates={a.sample_rate}:channel_layouts={a.channel_layout}",
         ]
-        if loudness_method == "gain" and a.gain_db:
+        if loudness_method == "gain" and a.loudness is None:
+            # Last, so it measures what the encoder is given: resampled, downmixed.
+            steps.append(LOUDNESS_FILTER)
+            in_encode = True
+        elif loudness_method == "gain" and a.gain_db:
             steps.append(f"volume={a.gain_db}dB")
         audio = ",".join(steps)
-    return FilterSpec(video=video, audio=audio)
+    return FilterSpec(video=video, audio=audio, loudness_in_encode=in_encode)
 
 
 # --- encode ----------------------------------------------------------------------------------
@@ -781,6 +804,7 @@ def encode(
                 [*inp.args(*decoding), *args], limits=limits, duration=plan.duration, progress=progress,
                 cancel=cancel, pass_fds=[inp.fd],
             )  # fmt: skip
+        loudness, gain = apply_loudness(out_dir / name, filters, result.stderr, profiles)
         return EncodeResult(
             kind=demuxed.kind,
             file=name,
@@ -790,8 +814,32 @@ def encode(
             duration=round(result.out_time, 3) if result.out_time else plan.duration,
             seconds=round(result.seconds, 3),
             rungs=rungs,
+            loudness=loudness,
+            gain_db=gain,
             aac=aac,
         )
+
+
+def apply_loudness(
+    encoded: Path, filters: FilterSpec, stderr: str, profiles: Profiles
+) -> tuple[Loudness | None, float | None]:
+    """After an encode whose audio graph measured (``FilterSpec.loudness_in_encode``): the gain
+    that reaches the profile's target without passing its true-peak ceiling (the rule of
+    ``_gain``), written into the Opus header of ``encoded`` (``pipelines.opus_gain``), which
+    decoders apply to every sample. Returns the measurement and the gain written.
+
+    The header holds the gain to 1/256 dB; a file is changed in two bytes, keeping its size.
+    """
+    if not filters.loudness_in_encode:
+        return None, None
+    loudness = parse_ebur128(stderr)
+    if loudness is None:
+        # The summary is ffmpeg's last words: without it the encode did not end as it should.
+        raise MediaError("The audio could not be measured for its loudness.", detail=stderr[-2000:])
+    ap = profiles.audio
+    gain = _gain(loudness, ap.loudness_i, ap.loudness_tp)
+    opus_gain.write_gain(encoded, gain)
+    return loudness, gain
 
 
 _CLEAN = ("-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1")

@@ -32,6 +32,7 @@ from pipelines.av import (
     FilterSpec,
     NormalizePlan,
     VideoPlan,
+    apply_loudness,
     audio_codec_args,
     decoder_args,
     ladder_graph,
@@ -323,6 +324,7 @@ def encode_audio(
              str(out_dir / name)],
             limits=limits, duration=plan.duration, cancel=cancel, pass_fds=[inp.fd],
         )  # fmt: skip
+    apply_loudness(out_dir / name, filters, result.stderr, profiles)  # the join copies the header along
     return AudioPart(file=name, seconds=round(result.seconds, 3))
 
 

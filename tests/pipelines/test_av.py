@@ -22,6 +22,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from pipelines import av as stages
+from pipelines import opus_gain
 from pipelines.errors import InvalidInput, MediaError, TooLarge, UnsupportedCodec
 from pipelines.profiles import Profiles
 from pipelines.results import Output, from_json, to_json
@@ -312,12 +313,22 @@ def test_filters_apply_the_plan(video_run: Any, profiles: Profiles) -> None:
         "setparams=colorspace=smpte170m:color_primaries=smpte170m:color_trc=smpte170m:range=tv,"
         "fps=25/1,scale=320:240,format=yuv420p,setsar=1"
     )
-    assert spec.audio.startswith("aresample=48000")
-    assert "channel_layouts=mono" in spec.audio and "volume=" in spec.audio
-    loudnorm = stages.build_filters(video_run["normalize"], profiles=profiles, loudness_method="loudnorm")
+    # No gain in the graph: it ends in the measurement the encode turns into the Opus header's.
+    assert spec.audio.startswith("aresample=48000") and "channel_layouts=mono" in spec.audio
+    assert spec.audio.endswith("," + stages.LOUDNESS_FILTER) and "volume" not in spec.audio
+    assert spec.loudness_in_encode
+    # A plan that knows the loudness already (stored by an earlier version) applies its gain.
+    plan = video_run["normalize"]
+    known = stages.Loudness(integrated=-21.0, true_peak=-18.0, lra=3.0, threshold=-31.0)
+    audio = dataclasses.replace(plan.audio, loudness=known, gain_db=5.0)
+    planned = stages.build_filters(dataclasses.replace(plan, audio=audio), profiles=profiles)
+    assert planned.audio is not None and planned.audio.endswith(",volume=5.0dB") and not planned.loudness_in_encode
+    loudnorm = stages.build_filters(
+        dataclasses.replace(plan, audio=audio), profiles=profiles, loudness_method="loudnorm"
+    )
     assert loudnorm.audio is not None
     assert "measured_I=" in loudnorm.audio and "linear=true" in loudnorm.audio
-    assert "volume" not in loudnorm.audio
+    assert "volume" not in loudnorm.audio and "ebur128" not in loudnorm.audio
 
 
 # --- audio ---------------------------------------------------------------------------------------
@@ -340,42 +351,95 @@ def test_audio_becomes_loudness_normalised_opus_webm(
     assert measure_lufs(path) == pytest.approx(-16.0, abs=1.0)
 
 
-def test_loudness_is_measured_in_the_decode_pass(
-    song: Path, profiles: Profiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_loudness_is_measured_in_the_encode_and_written_as_the_opus_gain(
+    song: Path,
+    pipeline: Any,
+    profiles: Profiles,
+    measure_lufs: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The decode check measures the same loudness a pass of its own would; normalize then runs
-    no pass (a second one would decode the whole audio again)."""
-    limits = profiles.limits
-    dm = stages.demux(song, tmp_path / "demux", limits=limits)
-    decoded = stages.decode(dm, tmp_path / "demux", tmp_path / "decode", limits=limits)
-    alone = stages.measure_loudness(tmp_path / "demux" / dm.file, dm.ffmpeg_format, limits=limits)
-    assert decoded.loudness is not None and decoded.loudness == alone
-    assert math.isfinite(alone.integrated) and math.isfinite(alone.true_peak)
+    """No pass before the encode measures the loudness (the decode check does not, normalize
+    does not): the encode measures what it encodes and writes the gain the rule asks for into
+    the Opus header, with the samples themselves left as they were."""
 
-    def no_second_pass(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("normalize measured the loudness again")
+    def no_pass_of_its_own(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the loudness was measured in a pass of its own")
 
-    monkeypatch.setattr(stages, "measure_loudness", no_second_pass)
-    plan = stages.normalize(
-        dm, tmp_path / "demux", tmp_path / "plan", profiles=profiles, limits=limits, decoded=decoded
-    )
-    assert plan.audio is not None and plan.audio.loudness == decoded.loudness
+    monkeypatch.setattr(stages, "measure_loudness", no_pass_of_its_own)
+    run = pipeline(song)
+    assert run["decode"].loudness is None and run["normalize"].audio.loudness is None
+    encoded = run["encode"]
+    assert encoded.loudness is not None and math.isfinite(encoded.loudness.integrated)
+    ap = profiles.audio
+    assert encoded.gain_db == stages._gain(encoded.loudness, ap.loudness_i, ap.loudness_tp)
+    assert encoded.gain_db > 3  # the tone is quiet: this test would not see a missing gain otherwise
+    webm = run.dir("mux") / "media.webm"
+    assert opus_gain.read_gain(webm) == pytest.approx(encoded.gain_db, abs=1 / 256)
+    # ffmpeg's decoder applies the header's gain: the target is reached when played ...
+    assert measure_lufs(webm) == pytest.approx(ap.loudness_i, abs=0.5)
+    # ... from samples as loud as the measurement said: the gain is the header's alone.
+    unity = tmp_path / "unity.webm"
+    shutil.copyfile(webm, unity)
+    opus_gain.write_gain(unity, 0.0)
+    assert measure_lufs(unity) == pytest.approx(encoded.loudness.integrated, abs=0.5)
 
 
-def test_a_decode_result_stored_without_loudness_is_measured_by_normalize(
-    song: Path, profiles: Profiles, tmp_path: Path
+def test_the_gain_reaches_the_dash_audio_segments(video_run: Any, profiles: Profiles, measure_lufs: Any) -> None:
+    """The DASH audio init segment is cut from the WebM: it carries the same header gain, and its
+    segments play at the target loudness."""
+    gain = video_run["encode"].gain_db
+    assert gain is not None and gain != 0
+    chunk_dir = video_run.dir("chunk")
+    mpd = ET.parse(chunk_dir / video_run["chunk"].manifest).getroot()
+    (audio,) = [a for a in mpd.iter(f"{MPD}AdaptationSet") if a.get("contentType") == "audio"]
+    rep = audio.find(f"{MPD}Representation")
+    assert rep is not None
+    init = chunk_dir / f"init-{rep.get('id')}.webm"
+    assert opus_gain.read_gain(init) == pytest.approx(gain, abs=1 / 256)
+    joined = chunk_dir.parent / "audio-joined.webm"
+    segments = sorted(chunk_dir.glob(f"chunk-{rep.get('id')}-*.webm"))
+    joined.write_bytes(b"".join(p.read_bytes() for p in [init, *segments]))
+    assert measure_lufs(joined) == pytest.approx(profiles.audio.loudness_i, abs=1.0)
+
+
+def test_a_loudness_measured_by_an_earlier_version_is_applied_in_the_graph(
+    song: Path, profiles: Profiles, tmp_path: Path, measure_lufs: Any
 ) -> None:
-    """A decode result stored by an older version (no ``loudness`` key) still loads, and normalize
-    then measures the loudness itself."""
+    """An item half-way through when this version came: its stored decode result has the
+    loudness, so the plan's gain goes into the filter graph and the header keeps 0 dB."""
     limits = profiles.limits
     dm = stages.demux(song, tmp_path / "demux", limits=limits)
     stored = to_json(stages.decode(dm, tmp_path / "demux", tmp_path / "decode", limits=limits))
-    measured = stored.pop("loudness")
-    old = from_json(stages.DecodeResult, stored)
-    assert old.loudness is None
+    assert stored["loudness"] is None
+    measured = stages.measure_loudness(tmp_path / "demux" / dm.file, dm.ffmpeg_format, limits=limits)
+    assert measured is not None
+    old = from_json(stages.DecodeResult, {**stored, "loudness": to_json(measured)})
     plan = stages.normalize(dm, tmp_path / "demux", tmp_path / "plan", profiles=profiles, limits=limits, decoded=old)
-    assert plan.audio is not None and plan.audio.loudness == from_json(stages.Loudness, measured)
-    assert plan.audio.gain_db != 0
+    assert plan.audio is not None and plan.audio.loudness == measured and plan.audio.gain_db > 3
+    spec = stages.build_filters(plan, profiles=profiles)
+    assert not spec.loudness_in_encode
+    enc = stages.encode(dm, tmp_path / "demux", spec, plan, tmp_path / "enc", profiles=profiles, limits=limits)
+    assert enc.gain_db is None and opus_gain.read_gain(tmp_path / "enc" / enc.file) == 0.0
+    assert measure_lufs(tmp_path / "enc" / enc.file) == pytest.approx(profiles.audio.loudness_i, abs=0.5)
+
+
+def test_opus_gain_is_a_two_byte_patch_of_the_header(media: Any, tmp_path: Path) -> None:
+    """RFC 7845: bytes 16-17 of OpusHead, signed Q7.8 dB, little endian; nothing else changes."""
+    src = media.make("opus-tone.webm", ["-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "libopus"])
+    before = src.read_bytes()
+    patched = tmp_path / "patched.webm"
+    for db, raw in ((6.0, b"\x00\x06"), (-7.5, b"\x80\xf8"), (0.0, b"\x00\x00")):
+        patched.write_bytes(before)
+        opus_gain.write_gain(patched, db)
+        after = patched.read_bytes()
+        head = after.index(b"OpusHead")
+        assert after[head + 16 : head + 18] == raw and opus_gain.read_gain(patched) == db
+        assert len(after) == len(before)
+        assert after[: head + 16] + after[head + 18 :] == before[: head + 16] + before[head + 18 :]
+    vorbis = media.make("vorbis.webm", ["-f", "lavfi", "-i", "sine=duration=1", "-c:a", "libvorbis"])
+    with pytest.raises(MediaError):
+        opus_gain.read_gain(vorbis)
 
 
 def test_an_audio_upload_is_read_in_place_without_its_cover_art(
@@ -448,12 +512,15 @@ def test_loudnorm_two_pass_variant_also_encodes(
     song: Path, pipeline: Any, profiles: Profiles, tmp_path: Path, measure_lufs: Any
 ) -> None:
     run = pipeline(song)
-    spec = stages.build_filters(run["normalize"], profiles=profiles, loudness_method="loudnorm")
+    measured = stages.measure_loudness(run.dir("demux") / run["demux"].file, None, limits=profiles.limits)
+    plan = run["normalize"]
+    plan = dataclasses.replace(plan, audio=dataclasses.replace(plan.audio, loudness=measured))
+    spec = stages.build_filters(plan, profiles=profiles, loudness_method="loudnorm")
     enc = stages.encode(
         run["demux"],
         run.dir("demux"),
         spec,
-        run["normalize"],
+        plan,
         tmp_path / "enc",
         profiles=profiles,
         limits=profiles.limits,
