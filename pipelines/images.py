@@ -216,6 +216,7 @@ def image_encode(
         profiles.image,
         limits,
         limits=child_limits(limits),
+        reap_in_background=True,
     )
     return ImageEncodeResult(outputs=outputs, peak_rss_bytes=stats.peak_rss_bytes)
 

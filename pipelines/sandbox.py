@@ -13,6 +13,7 @@ import pickle
 import resource
 import select
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pipelines.errors import MediaError, ProcessingTimeout, TooLarge, TransientE
 from pipelines.profiles import Limits
 
 T = TypeVar("T")
+_LENGTH_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,15 @@ def apply_rlimits(limits: ChildLimits) -> None:
 
 
 def run_isolated_with_stats(
-    fn: Callable[..., T], *args: Any, limits: ChildLimits, **kwargs: Any
+    fn: Callable[..., T], *args: Any, limits: ChildLimits, reap_in_background: bool = False, **kwargs: Any
 ) -> tuple[T, ChildStats]:
-    """Call ``fn(*args, **kwargs)`` in a forked child under ``limits``; return its result and peak RSS."""
+    """Call ``fn(*args, **kwargs)`` in a forked child under ``limits``; return its result and peak RSS.
+
+    With ``reap_in_background``, a child that has sent its whole result is reaped by a thread
+    instead of waited for: the kernel takes ~7 ms per 100 MB to tear down a child's memory (10-20 ms
+    after a 12 MP image's encode), time in which the result is already known. The peak RSS is then
+    the child's own report. A child that ends any other way is waited for, as always.
+    """
     started = time.monotonic()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -79,7 +87,9 @@ def run_isolated_with_stats(
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_DFL)
             apply_rlimits(limits)
-            payload = pickle.dumps(("ok", fn(*args, **kwargs)))
+            result = fn(*args, **kwargs)
+            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            payload = pickle.dumps(("ok", result, peak_kib))
         except MediaError as exc:
             payload = pickle.dumps(("err", exc))
         except MemoryError:
@@ -92,10 +102,12 @@ def run_isolated_with_stats(
                 payload = b""
                 status = 70
         try:
-            view = memoryview(payload)
+            # Length first: the parent can tell a whole result from one cut short by a kill.
+            view = memoryview(len(payload).to_bytes(_LENGTH_BYTES, "big") + payload)
             while view:
                 n = os.write(write_fd, view)
                 view = view[n:]
+            os.close(write_fd)  # the parent reads its end-of-file now, not after our memory is freed
         finally:
             os._exit(status)
 
@@ -120,24 +132,28 @@ def run_isolated_with_stats(
         os.close(read_fd)
         if timed_out:
             _kill(pid)
+        data = b"".join(chunks)
+        whole = _whole_payload(data)
         # Reap in every case (also when the worker's soft time limit interrupts us).
         usage: resource.struct_rusage | None = None
+        wait_status = 0
         try:
-            _, wait_status, usage = os.wait4(pid, 0)
+            if reap_in_background and whole is not None and not timed_out:
+                waited, wait_status, usage = os.wait4(pid, os.WNOHANG)
+                if not waited:
+                    usage = None  # all zeros for a child still running
+                    threading.Thread(target=_reap, args=(pid,), name=f"reap-{pid}", daemon=True).start()
+            else:
+                _, wait_status, usage = os.wait4(pid, 0)
         except ChildProcessError:
             wait_status = 0
         except BaseException:
             _kill(pid)
             os.waitpid(pid, 0)
             raise
-    stats = ChildStats(
-        peak_rss_bytes=int(usage.ru_maxrss * 1024) if usage else 0,
-        seconds=time.monotonic() - started,
-    )
     if timed_out:
         raise ProcessingTimeout(f"Decoding took longer than {limits.wall_seconds:.0f} s.")
-    data = b"".join(chunks)
-    if os.WIFSIGNALED(wait_status) or not data:
+    if os.WIFSIGNALED(wait_status) or whole is None:
         signum: int | None = os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None
         if signum == signal.SIGXCPU:
             raise ProcessingTimeout("Decoding used more CPU time than allowed.")
@@ -145,10 +161,24 @@ def run_isolated_with_stats(
         # A crashed decoder might be a one-off (the machine killed it); retry, and the attempt
         # counter fails a file that crashes it every time.
         raise TransientError("The decoder crashed while reading this file.", detail=f"child ended by {name}")
-    kind, value = pickle.loads(data)
+    kind, value, *rest = pickle.loads(whole)
     if kind == "err":
         raise value
-    return value, stats
+    peak_kib = usage.ru_maxrss if usage else (rest[0] if rest else 0)
+    return value, ChildStats(peak_rss_bytes=int(peak_kib * 1024), seconds=time.monotonic() - started)
+
+
+def _whole_payload(data: bytes) -> bytes | None:
+    """The child's pickled result, or None when it did not arrive whole."""
+    if len(data) < _LENGTH_BYTES:
+        return None
+    payload = data[_LENGTH_BYTES:]
+    return payload if int.from_bytes(data[:_LENGTH_BYTES], "big") == len(payload) else None
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def run_isolated(fn: Callable[..., T], *args: Any, limits: ChildLimits, **kwargs: Any) -> T:

@@ -8,6 +8,7 @@ import io
 import os
 import resource
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -688,6 +689,45 @@ def test_decoder_that_hangs_is_stopped(monkeypatch: pytest.MonkeyPatch, out_dir:
         image_decode(REAL / "chelsea.png", out_dir, limits=profiles.limits)
 
     assert time.monotonic() - started < 10
+
+
+def test_encoder_crash_is_contained(monkeypatch: pytest.MonkeyPatch, out_dir: Path) -> None:
+    # Encode's child is reaped in the background once its whole result has arrived; one that dies
+    # first is still waited for, and its signal reported.
+    info = image_decode(REAL / "chelsea.png", out_dir, limits=PROFILES.limits)
+    plan = image_normalize(info, profiles=PROFILES)
+    monkeypatch.setattr(images, "_check_size", _crash)
+
+    with pytest.raises(TransientError) as caught:
+        image_encode(REAL / "chelsea.png", info, plan, out_dir, profiles=PROFILES, limits=PROFILES.limits)
+
+    assert "SIGSEGV" in caught.value.detail
+
+
+def _children() -> list[str]:
+    """Our child processes, as ``pid state`` (``Z``: ended, not reaped)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == os.getpid():
+            found.append(f"{entry.name} {fields[0]}")
+    return found
+
+
+def test_encode_leaves_no_child_behind(out_dir: Path) -> None:
+    _, _, result = process(REAL / "rommel.jpg", out_dir)
+    for thread in threading.enumerate():
+        if thread.name.startswith("reap-"):
+            thread.join(timeout=10)
+
+    assert _children() == []
+    assert result.peak_rss_bytes > 50 * 1024**2  # the child's own report: it decoded a 7 MP photo
 
 
 def test_encoder_failure_is_not_blamed_on_the_file(out_dir: Path) -> None:
