@@ -88,9 +88,12 @@ def broadcast(item: MediaItem, *, deleted: bool = False) -> None:
     broadcast_many([item], deleted=deleted)
 
 
-def broadcast_many(items: Iterable[MediaItem], *, deleted: bool = False) -> None:
+def broadcast_many(
+    items: Iterable[MediaItem], *, deleted: bool = False, positions: dict[Any, int] | None = None
+) -> None:
     """``broadcast`` for several items in one trip: each async_to_sync call from a worker starts
-    a loop and a Redis connection of its own (a third of the worker's Python CPU)."""
+    a loop and a Redis connection of its own (a third of the worker's Python CPU).
+    ``positions``: places in line the caller has just read, by item id (not counted again)."""
     import json
 
     from media_app.selectors import media_item_payload
@@ -98,9 +101,11 @@ def broadcast_many(items: Iterable[MediaItem], *, deleted: bool = False) -> None
     layer = get_channel_layer()
     if layer is None:
         return
+    items = list(items)
     sends = []
     for item in items:
-        payload = media_item_payload(item, with_outputs=not deleted, deleted=deleted)
+        place = positions.get(item.pk) if positions else None
+        payload = media_item_payload(item, with_outputs=not deleted, deleted=deleted, queue_position=place)
         # "text": the websocket message itself, serialised once here rather than once per socket.
         text = json.dumps({"type": "media.status", "seq": payload["seq"], "item": payload})
         event = {"type": "media.status", "item": payload, "text": text}
@@ -108,9 +113,12 @@ def broadcast_many(items: Iterable[MediaItem], *, deleted: bool = False) -> None
     if not sends:
         return
     try:
-        send_many = getattr(layer, "group_send_many", None)
-        if send_many is not None:
-            send_many(sends)  # one publish per group on a long-lived connection, no event loop
+        send_soon = getattr(layer, "group_send_soon", None)
+        if send_soon is not None:
+            # One publish per group on a long-lived connection, no event loop, from the layer's
+            # sender thread: the caller does not wait for Redis, except for a last event
+            # (Completed, Failed, deleted), so that none is left unsent when a process ends after it.
+            send_soon(sends, wait=deleted or any(item.is_final for item in items))
         else:
             async_to_sync(_group_send_all)(layer, sends)
     except Exception:
@@ -135,10 +143,11 @@ def _apply(
     history: bool = True,
     after_commit: Callable[[MediaItem], None] | None = None,
     deleted: bool = False,
+    announce: bool = True,
 ) -> MediaItem | None:
     """One conditional UPDATE; on success a history row and, after commit, ``after_commit`` and
-    the broadcast. Returns the item as updated, or None when the item is not in a state ``where``
-    allows (or is gone)."""
+    the broadcast (``announce=False``: none, for a change no watcher sees). Returns the item as
+    updated, or None when the item is not in a state ``where`` allows (or is gone)."""
     with transaction.atomic():
         applied = MediaItem.objects.filter(Q(pk=item_id) & where).update(
             **changes, event_seq=F("event_seq") + 1, updated_at=timezone.now()
@@ -158,7 +167,8 @@ def _apply(
             )
         if after_commit is not None:
             transaction.on_commit(lambda: after_commit(item))
-        transaction.on_commit(lambda: broadcast(item, deleted=deleted))
+        if announce:
+            transaction.on_commit(lambda: broadcast(item, deleted=deleted))
     return item
 
 
@@ -231,11 +241,12 @@ def chain_started(*, item_id: Any, entry_task_id: str, first_task_id: str, detec
     """The entry task, delivered under the id the item was queued with, hands over to its chain.
 
     A second delivery of the entry task (or an old one the watchdog replaced) does not match the
-    saved id and starts nothing: one chain per run.
+    saved id and starts nothing: one chain per run. Watchers hear of it only when the entry task
+    learnt something they see (the kind): a new task id alone changes nothing they are shown.
     """
     where = Q(status=PENDING, queued_at__isnull=False, task_id=entry_task_id)
     changes = {"task_id": first_task_id, **detected}
-    return _apply(item_id, where, changes, history=False) is not None
+    return _apply(item_id, where, changes, history=False, announce=bool(detected)) is not None
 
 
 def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int) -> int | None:
@@ -591,6 +602,8 @@ def line_moved(*, kind: str) -> None:
             # read it).
             MediaItem.objects.filter(pk__in=first).update(event_seq=F("event_seq") + 1)
             told_items = list(media_items_waiting_in(queue).filter(pk__in=first))
-        broadcast_many(told_items)
+        # They are the head of the line, in order (none can have joined ahead of them): their
+        # places need no count each, a query over the whole line per item.
+        broadcast_many(told_items, positions={item.pk: n for n, item in enumerate(told_items, 1)})
     except Exception:  # best effort, as every broadcast: the saved state is the truth
         logger.warning("line notice failed for queue %s", queue, exc_info=True)

@@ -52,9 +52,12 @@ def rendition_payload(rendition: Rendition) -> dict[str, Any]:
     }
 
 
-def media_item_payload(item: MediaItem, *, with_outputs: bool = True, deleted: bool = False) -> dict[str, Any]:
+def media_item_payload(
+    item: MediaItem, *, with_outputs: bool = True, deleted: bool = False, queue_position: int | None = None
+) -> dict[str, Any]:
     """The one shape of an item's state, shared by broadcasts, the REST detail and the CLI.
-    ``deleted``: the last event of an item being removed says so, and offers no retry."""
+    ``deleted``: the last event of an item being removed says so, and offers no retry.
+    ``queue_position``: its place in line when the caller has just read the line (not counted again)."""
     waiting = media_item_waiting(item)
     payload: dict[str, Any] = {
         "id": str(item.pk),
@@ -69,7 +72,7 @@ def media_item_payload(item: MediaItem, *, with_outputs: bool = True, deleted: b
         "retryable": media_item_retryable(item) and not deleted,
         "waiting": waiting,
         "queue": str(queue_for(item.kind)) if waiting else None,
-        "queue_position": media_item_queue_position(item),
+        "queue_position": queue_position if waiting and queue_position else media_item_queue_position(item),
         "eta_seconds": media_item_eta_seconds(item),
         "size": item.size,
         "created_at": item.created_at.isoformat() if item.created_at else None,
