@@ -242,8 +242,12 @@ STAGE_TASKS: dict[str, Task] = {stage: _stage_task(stage) for stage in bindings.
 # each still started and finished through the lifecycle (same stage names, progress, history
 # rows, attempt counts, cancel checks) and still written through to storage, so a retry or a
 # redelivery on another host resumes from the first stage not done, as a chain would.
+# Audio too: its encode is a second or two per minute of sound, and its other stages are
+# milliseconds each, so the hops of a chain of seven tasks were a sixth of a song's time.
+# Video stays a chain: its encode may fan out into a chord of chunks (``fan_out``), which
+# replaces a link of a chain, and minutes of encode make the hops noise.
 
-FUSED_KINDS = frozenset({"image"})
+FUSED_KINDS = frozenset({"image", "audio"})
 
 
 def run_fused(task: Task, item_id: str) -> None:
@@ -299,7 +303,7 @@ def run_fused(task: Task, item_id: str) -> None:
 
 @shared_task(bind=True, base=StageTask, name="media.stage.fused")
 def fused(self: Task, item_id: str) -> None:
-    """Every stage of a small item (an image), then its finish, in one delivery."""
+    """Every stage of a small item (an image, a sound), then its finish, in one delivery."""
     run_fused(self, item_id)
 
 

@@ -1,17 +1,20 @@
-"""An image's chain as one task (``media.stage.fused``), run in-process: each stage is still
+"""An image's chain (and a sound's) as one task (``media.stage.fused``), run in-process: each stage is still
 started and finished through the lifecycle, a second delivery resumes at the first stage not
 done and counts it, and a cancel between two stages stops the task."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from media_app import jobs, lifecycle
 from media_app.models import MediaItem, StatusEvent
+from pipelines.runner import ffmpeg_exe
 from tasks import bindings
-from tests.media import drawn_image
+from tests.media import drawn_image, lavfi_audio
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -129,3 +132,48 @@ def test_a_retryable_error_retries_the_task_from_the_stage_that_failed(image, mo
         ("encode", "encode started (attempt 2)", 2),
         ("store", "store started", 1),
     ]
+
+
+def loudness(path: Path) -> float:
+    """Integrated loudness (LUFS) of the file as ffmpeg plays it (the Opus header's gain applied)."""
+    out = subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-nostats", "-i", str(path), "-af", "ebur128=framelog=quiet", "-f", "null", "-"],
+        capture_output=True, text=True, check=True,
+    ).stderr  # fmt: skip
+    return float(out.rpartition("Summary:")[2].split("I:")[1].split()[0])
+
+
+AUDIO_STAGES = ["demux", "decode", "normalize", "filter", "encode", "mux", "store"]
+
+
+@pytest.fixture
+def song(make_item, tmp_path, tmp_storage, settings, monkeypatch) -> MediaItem:
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    monkeypatch.setattr(jobs, "revoke", lambda task_ids: None)
+    item = make_item(lavfi_audio(tmp_path / "song.mp3", seconds=3))
+    MediaItem.objects.filter(pk=item.pk).update(kind="audio")
+    lifecycle.upload_finished(item_id=item.pk)
+    lifecycle.queued(item_id=item.pk, send=False)
+    item.refresh_from_db()
+    return item
+
+
+def test_a_sound_is_one_task_that_reports_every_stage(song):
+    """Audio is fused too: one task, the seven stages in the history as a chain wrote them, and
+    a loudness-normalised Opus WebM that plays at the target."""
+    from django.core.files.storage import default_storage
+
+    from tasks.stages import fused, process_links
+
+    (link,) = process_links(song)
+    assert link.task == "media.stage.fused"
+    fused.apply(args=[str(song.pk)], task_id="fused-1").get()
+
+    song.refresh_from_db()
+    assert (song.status, song.progress) == ("Completed", 100), song.error_message
+    assert history(song) == [(s, f"{s} started", 1) for s in AUDIO_STAGES]
+    assert sorted(song.timings) == sorted(AUDIO_STAGES)
+    (audio,) = song.renditions.filter(role="audio")
+    assert (audio.content_type, audio.codec) == ("audio/webm", "opus")
+    played = loudness(Path(default_storage.path(audio.storage_key)))
+    assert played == pytest.approx(bindings.profiles().audio.loudness_i, abs=1.0)
