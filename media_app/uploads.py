@@ -255,16 +255,17 @@ def upload_append(*, item: MediaItem, offset: int, stream: IO[bytes], content_le
             )
         if not remaining:
             return _complete(item)  # every byte is in already; completing them failed before
-        chunks = _chunks(stream, limit=remaining, lock=lock)
         s3 = s3_storage()
-        new_offset = _append_s3(s3, item, chunks) if s3 is not None else _append_local(item, chunks)
+        if s3 is not None:
+            new_offset = _append_s3(s3, item, _chunks(stream, limit=remaining, lock=lock))
+        else:
+            new_offset = _append_local(item, stream, limit=remaining, lock=lock)
         if new_offset == item.size:
             return _complete(item)
-        item.refresh_from_db()
-        return item
+        return item  # _record set what changed: no query to read it back
 
 
-def _append_local(item: MediaItem, chunks: Iterator[bytes]) -> int:
+def _append_local(item: MediaItem, stream: IO[bytes], *, limit: int, lock: Any) -> int:
     """Append in place to the source file in storage: no staging copy, no move at the end."""
     current = item.upload_received
     path = Path(default_storage.path(item.source_key))
@@ -277,14 +278,8 @@ def _append_local(item: MediaItem, chunks: Iterator[bytes]) -> int:
             raise UploadRefused("offset_mismatch", f"The upload is at byte {on_disk}; resume from {on_disk}.")
         # Bytes past the recorded offset are a PATCH that died before recording them: not ours.
         fh.truncate(current)
-        received = 0
         try:
-            for chunk in chunks:
-                _write_all(fh, chunk)
-                # The disk writes while the next bytes arrive, so the fdatasync below waits for
-                # the last read's worth, not the whole PATCH (half its wait, measured).
-                _start_writeback(fh.fileno(), current + received, len(chunk))
-                received += len(chunk)
+            received = _write_body(stream, fh.fileno(), current, limit=limit, lock=lock)
         except BaseException:  # refused, or the client left mid-chunk: none of it counts
             fh.truncate(current)
             raise
@@ -299,10 +294,36 @@ def _append_local(item: MediaItem, chunks: Iterator[bytes]) -> int:
     return new_offset
 
 
-def _write_all(fh: IO[bytes], data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[fh.write(view) :]
+def _write_body(stream: IO[bytes], fd: int, start: int, *, limit: int, lock: Any) -> int:
+    """Write a PATCH's body at the end of ``fd`` (at ``start``); more than ``limit`` bytes is refused.
+
+    The disk writes while the next bytes arrive (writeback starts as each write lands), so the
+    fdatasync after the body waits for the last write's worth, not the whole PATCH (half its
+    wait, measured). A streamed body (tus_stream) writes itself from the event loop.
+    """
+    received = 0
+
+    def wrote(size: int) -> None:
+        nonlocal received
+        _start_writeback(fd, start + received, size)
+        received += size
+
+    write_to = getattr(stream, "write_to", None)
+    if write_to is None:
+        for chunk in _chunks(stream, limit=limit, lock=lock):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            wrote(len(chunk))
+        return received
+    last_extend = time.monotonic()
+    while write_to(fd, limit - received, seconds=LOCK_SECONDS / 3, wrote=wrote):
+        if time.monotonic() - last_extend > LOCK_SECONDS / 3:  # a slow client keeps its lock
+            lock.extend(LOCK_SECONDS, replace_ttl=True)
+            last_extend = time.monotonic()
+    if stream.read(1):
+        raise UploadRefused("too_large", f"The body is longer than the {limit} bytes still expected.")
+    return received
 
 
 @cache
@@ -399,12 +420,13 @@ def _part_sizes(size: int) -> tuple[int, int]:
 def _record(item: MediaItem, current: int, new_offset: int, parts: dict[str, Any]) -> None:
     """The commit point of a PATCH: the new offset and parts, only if nothing moved meanwhile
     (the lock should make that so; this catches a lock that expired under a stalled writer)."""
+    now = timezone.now()
     moved = MediaItem.objects.filter(pk=item.pk, upload_received=current).update(
-        upload_received=new_offset, upload_parts=parts, updated_at=timezone.now()
+        upload_received=new_offset, upload_parts=parts, updated_at=now
     )
     if not moved:
         raise UploadRefused("offset_mismatch", "The upload changed underneath this request; ask where to resume.")
-    item.upload_received, item.upload_parts = new_offset, parts
+    item.upload_received, item.upload_parts, item.updated_at = new_offset, parts, now
 
 
 def upload_store(*, item: MediaItem, stream: IO[bytes], content_length: int | None, expected_size: int) -> MediaItem:

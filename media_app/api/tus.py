@@ -104,9 +104,10 @@ class TusApi(APIView):
         if request.content_type != CHUNK_CONTENT_TYPE:
             raise UploadRefused("unsupported_media_type", f"Send chunks as {CHUNK_CONTENT_TYPE}.")
         try:
-            item = upload_append(
-                item=item, offset=offset, stream=request._request, content_length=content_length(request._request)
-            )
+            # The streamed body itself when there is one (tus_stream): it can write to a file
+            # from the event loop; Django's request reads any other body.
+            body = getattr(request._request, "tus_body", None) or request._request
+            item = upload_append(item=item, offset=offset, stream=body, content_length=content_length(request._request))
         except UnreadablePostError:
             # The client left mid-chunk (see tus_stream): nothing of this chunk was recorded.
             raise UploadRefused(

@@ -147,3 +147,18 @@ def test_creation_with_upload_streams_its_first_chunk_too(upload):
     assert (status, headers["upload-offset"]) == (201, str(half))
     item = MediaItem.objects.get(pk=headers["location"].rsplit("/", 1)[1])
     assert item.upload_received == half == _stored(item)
+
+
+def test_a_body_longer_than_the_upload_is_refused_and_nothing_of_it_counts(upload):
+    item, key, data = upload
+    scope = _scope(item.pk, key, 0, 0)
+    # Sent chunked (no Content-Length), so only the bytes themselves show it is too long.
+    scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+
+    status, headers, _ = _patch(scope, data + b"\0" * MESSAGE)
+
+    assert status == 413 and headers["tus-resumable"] == "1.0.0"
+    item.refresh_from_db()
+    assert item.upload_received == 0 == _stored(item)
+    status, headers, _ = _patch(_scope(item.pk, key, 0, len(data)), data)
+    assert (status, headers["upload-offset"]) == (204, str(len(data)))
