@@ -19,12 +19,14 @@ chunks follow one another on the frame grid, whatever the container's rounding.
 from __future__ import annotations
 
 import math
+import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from pipelines import h264
 from pipelines.av import (
     MATROSKA,
     DemuxResult,
@@ -85,6 +87,7 @@ class PartResult:
 class AudioPart:
     file: str | None  # None: the video has no audio
     seconds: float
+    aac: str = ""  # the H.264 fallback's AAC track (``h264.AAC_FILE``), when the profile has it
 
 
 # --- split (pure) ---------------------------------------------------------------------------------
@@ -312,20 +315,26 @@ def encode_audio(
     limits: Limits,
     cancel: Callable[[], bool] | None = None,
 ) -> AudioPart:
-    """The audio, once, as the whole-file encode would write it (same graph, same clock)."""
+    """The audio, once, as the whole-file encode would write it (same graph, same clock), and
+    the H.264 fallback's AAC track beside it when the profile has one (same run)."""
     if plan.audio is None or filters.audio is None:
         return AudioPart(file=None, seconds=0.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "audio.mka"
+    aac = h264.AAC_FILE if plan.video and any(r.codec == "h264" for r in video_rungs(plan.video, profiles)) else ""
+    fallback: list[str] = []
+    if aac:
+        fallback = ["-map", "0:a:0", "-af", filters.audio, *h264.aac_args(plan.audio, profiles), "-vn", "-sn", "-dn",
+                    "-map_metadata", "-1", "-map_chapters", "-1", "-f", "matroska", str(out_dir / aac)]  # fmt: skip
     with open_input(demux_dir / demuxed.file, demuxed.ffmpeg_format) as inp:
         result = run_ffmpeg(
             [*inp.args(), "-map", "0:a:0", "-af", filters.audio, *audio_codec_args(plan.audio, profiles),
              "-vn", "-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1", "-f", "matroska",
-             str(out_dir / name)],
+             str(out_dir / name), *fallback],
             limits=limits, duration=plan.duration, cancel=cancel, pass_fds=[inp.fd],
         )  # fmt: skip
     apply_loudness(out_dir / name, filters, result.stderr, profiles)  # the join copies the header along
-    return AudioPart(file=name, seconds=round(result.seconds, 3))
+    return AudioPart(file=name, seconds=round(result.seconds, 3), aac=aac)
 
 
 # --- join -----------------------------------------------------------------------------------------
@@ -340,9 +349,11 @@ def join(
     *,
     limits: Limits,
     rungs: tuple[Rung, ...] = (),
+    aac: Path | None = None,
 ) -> EncodeResult:
     """The chunks one after another, and the audio, into one Matroska file: stream copy only;
-    each other rung of the ``rungs`` ladder likewise into its own file (video only).
+    each other rung of the ``rungs`` ladder likewise into its own file (video only); the H.264
+    fallback's ``aac`` track (``encode_audio``'s) copied beside them.
 
     The concat demuxer opens the chunk files by name (``-protocol_whitelist file``): they are
     our own encoder's output in this stage's folders, not the upload.
@@ -388,6 +399,8 @@ def join(
     for listed in out_dir.glob("parts*.ffconcat"):
         listed.unlink(missing_ok=True)
     frames = sum(p.frames for _, p in ordered)
+    if aac is not None:
+        shutil.copyfile(aac, out_dir / h264.AAC_FILE)
     return EncodeResult(
         kind="video",
         file=name,
@@ -397,6 +410,7 @@ def join(
         duration=round(float(frames / rate), 3) if result.returncode == 0 else plan.duration,
         seconds=round(sum(p.seconds for _, p in ordered) + result.seconds, 3),
         rungs=rungs,
+        aac=h264.AAC_FILE if aac is not None else "",
     )
 
 

@@ -143,3 +143,44 @@ def test_a_source_smaller_than_the_fallback_ladder_gets_one_h264_rung_at_its_siz
     rungs = plan_ladder(320, 180, 0, dataclasses.replace(VideoProfile(), h264_fallback=True))
     assert [(r.width, r.height) for r in rungs if r.codec == "h264"] == [(320, 180)]
     assert all(r.codec != "h264" for r in plan_ladder(1920, 1080, 0, VideoProfile()))
+
+
+def test_split_and_stitch_carries_the_fallback_through_the_join(media: Any, tmp_path: Path) -> None:
+    """With issue 12's chunk tasks, each chunk encodes the H.264 rungs with the others and the
+    audio task writes the AAC beside the Opus; the joined encode gives DASH the same sets."""
+    from pipelines import chunked
+
+    limits = ON.limits
+    src = media.video("fallback-chunked.mp4", seconds=4, size="320x180", rate=str(RATE), keyint=RATE)
+    dm = stages.demux(src, tmp_path / "demux", limits=limits)
+    plan = stages.normalize(dm, tmp_path / "demux", tmp_path / "norm", profiles=ON, limits=limits)
+    filters = stages.build_filters(plan, profiles=ON)
+    assert plan.video is not None
+    ranges = chunked.split(duration=plan.duration, frame_rate=plan.video.frame_rate, segment_seconds=1.0,
+                           chunk_seconds=2)  # fmt: skip
+    assert len(ranges) == 2
+    chunks = chunked.ChunkPlan(plan.video.frame_rate, 1.0, 2, ranges)
+    parts = []
+    for rng in ranges:
+        out = tmp_path / f"part{rng.index}"
+        part = chunked.encode_part(dm, tmp_path / "demux", filters, plan, chunks, rng.index, out,
+                                   profiles=ON, limits=limits)  # fmt: skip
+        parts.append((out / part.file, part))
+    audio = chunked.encode_audio(dm, tmp_path / "demux", filters, plan, tmp_path / "audio", profiles=ON,
+                                 limits=limits)  # fmt: skip
+    assert audio.file and audio.aac
+    joined = chunked.join(parts, tmp_path / "audio" / audio.file, plan, chunks, tmp_path / "joined", limits=limits,
+                          rungs=stages.video_rungs(plan.video, ON), aac=tmp_path / "audio" / audio.aac)  # fmt: skip
+    assert [r.codec for r in joined.rungs].count("h264") == 1 and joined.aac
+    muxed = stages.mux(joined, tmp_path / "joined", tmp_path / "mux", limits=limits)
+    result = stages.chunk(muxed, tmp_path / "mux", tmp_path / "chunk", profiles=ON, limits=limits,
+                          encoded=joined, encode_dir=tmp_path / "joined")  # fmt: skip
+    chunk_dir = tmp_path / "chunk"
+    sets = _sets(chunk_dir / result.manifest)
+    assert set(sets) == {"av01", "vp09", "opus", "avc1", "mp4a"}
+    (av1,) = sets["av01"]
+    (rep,) = sets["avc1"]
+    assert _boundaries(rep) == pytest.approx(_boundaries(av1), abs=0.5 / RATE)
+    frames, firsts = _decode_each_segment(_files(chunk_dir, rep), "mp4")
+    assert frames == 4 * RATE and firsts == pytest.approx(_boundaries(av1), abs=1.5 / RATE)
+    _decode_each_segment(_files(chunk_dir, sets["mp4a"][0]), "mp4")
