@@ -1,0 +1,164 @@
+"""The operator's H.264/AAC fallback (issue 18, ``video.h264_fallback``) on the page's player, in
+Chromium: an item processed with it on plays its avc1 rungs when the browser refuses both AV1
+and VP9 (``isTypeSupported`` patched, as on a browser that decodes neither), and, with nothing
+refused, the player still picks AV1, and VP9 where only AV1 is refused: the fallback is there for
+those browsers only."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from media_app.models import MediaItem
+from media_app.services import media_processing_start
+from tests.conftest import Worker, wait_for
+from tests.media import lavfi_video
+
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+pytestmark = pytest.mark.worker
+
+FALLBACK_ON = json.dumps({"video": {"h264_fallback": True}})
+
+
+def refusing(*codecs: str) -> str:
+    """An init script: Media Source and Media Capabilities (which dash.js 5 asks first) refuse
+    any type naming one of ``codecs``, as a browser without those decoders does."""
+    pattern = "|".join(re.escape(c) for c in codecs)
+    return f"""(() => {{
+  const refused = /{pattern}/i;
+  const original = MediaSource.isTypeSupported.bind(MediaSource);
+  MediaSource.isTypeSupported = (type) => !refused.test(type) && original(type);
+  const caps = navigator.mediaCapabilities;
+  if (caps && caps.decodingInfo) {{
+    const decodingInfo = caps.decodingInfo.bind(caps);
+    caps.decodingInfo = (config) => {{
+      const types = [config.video, config.audio].filter(Boolean).map((c) => c.contentType || "");
+      const no = {{ supported: false, smooth: false, powerEfficient: false }};
+      return types.some((t) => refused.test(t)) ? Promise.resolve(no) : decodingInfo(config);
+    }};
+  }}
+}})();"""
+
+
+@pytest.fixture
+def fallback_worker(celery_worker: Worker) -> Iterator[Worker]:
+    """The test run's worker, restarted with the fallback on in its profile (the operator's
+    ``MEDIA_PROFILES``); put back as it was afterwards (the next test's ``celery_worker`` starts
+    it again)."""
+    celery_worker.stop()
+    celery_worker.env = {**celery_worker.env, "MEDIA_PROFILES": FALLBACK_ON}
+    celery_worker.start()
+    try:
+        yield celery_worker
+    finally:
+        celery_worker.stop()
+        celery_worker.env = {k: v for k, v in celery_worker.env.items() if k != "MEDIA_PROFILES"}
+
+
+@pytest.fixture
+def fallback_video(e2e_user: Any, make_item: Any, fallback_worker: Worker, tmp_path: Path) -> str:
+    """A finished 4 s 640x360 video processed with the fallback on: AV1 at 360 lines, VP9 at 360
+    and 234, H.264 at 360; Opus and AAC."""
+    item = make_item(lavfi_video(tmp_path / "fallback.mp4", seconds=4, size="640x360"), owner=e2e_user)
+    media_processing_start(item=item)
+    final = wait_for(
+        lambda: MediaItem.objects.filter(pk=item.pk, status__in=("Completed", "Failed")).first(),
+        timeout=180,
+        what="the video to finish",
+    )
+    assert final.status == "Completed", final.error_message
+    return str(item.original_name)
+
+
+def _open(page: Any, name: str) -> Any:
+    card = page.locator(f'#library .card:has([data-name]:text-is("{name}"))')
+    expect(card).to_have_count(1, timeout=30_000)
+    card.locator("summary").click()
+    video = card.locator("video")
+    expect(video).to_have_attribute("data-source", "dash")
+    video.evaluate("v => { v.muted = true; return v.play(); }")
+    return card
+
+
+def _playing(page: Any, video: Any) -> None:
+    """currentTime moves on from where it is now, the video not paused: frames are decoded."""
+    at = video.evaluate("v => v.currentTime")
+    page.wait_for_function(
+        "([v, t]) => v.currentTime > t + 0.5 && !v.paused && !v.error", arg=[video.element_handle(), at], timeout=30_000
+    )
+
+
+def _in_use(video: Any) -> dict[str, str]:
+    """The codecs of the representations dash.js is playing now, video and audio."""
+    return dict(
+        video.evaluate(
+            """v => {
+              const p = v._player;
+              const codecs = (type) => { const r = p.getCurrentRepresentationForType(type); return r ? r.codecs : ""; };
+              return { video: codecs("video"), audio: codecs("audio") };
+            }"""
+        )
+    )
+
+
+def test_without_av1_and_vp9_the_h264_fallback_plays(fallback_video: str, logged_in_page: Any, shots: Any) -> None:
+    page = logged_in_page
+    page.add_init_script(refusing("av01", "vp09"))
+    page.reload()
+    card = _open(page, fallback_video)
+    video = card.locator("video")
+    expect(video).to_have_attribute("data-codec", "avc1", timeout=30_000)
+    expect(video).to_have_attribute("data-representation", "640x360")
+    _playing(page, video)
+    expect(card.locator("[data-quality] option")).to_have_text(["Auto", re.compile("^360p")])
+    in_use = _in_use(video)
+    assert in_use["video"].startswith("avc1."), in_use
+    # Chromium decodes Opus, the first audio set: dash.js keeps it beside the H.264 video.
+    assert in_use["audio"] == "opus", in_use
+    shots.take(page, "h264-opus-playing")
+
+    # A browser that decodes neither AV1, VP9 nor Opus (as Safari's Media Source long did not):
+    # the AAC set plays.
+    page.add_init_script(refusing("av01", "vp09", "opus"))
+    page.reload()
+    card = _open(page, fallback_video)
+    video = card.locator("video")
+    expect(video).to_have_attribute("data-codec", "avc1", timeout=30_000)
+    _playing(page, video)
+    in_use = _in_use(video)
+    assert in_use["video"].startswith("avc1."), in_use
+    assert in_use["audio"].startswith("mp4a."), in_use
+    shots.take(page, "h264-aac-playing")
+
+
+def test_with_the_fallback_on_av1_plays_where_it_can_and_vp9_where_it_cannot(
+    fallback_video: str, logged_in_page: Any, shots: Any
+) -> None:
+    page = logged_in_page
+    card = _open(page, fallback_video)
+    video = card.locator("video")
+    expect(video).to_have_attribute("data-codec", "av01", timeout=30_000)
+    _playing(page, video)
+    # The menu lists the playing set's rungs: the AV1 one, not the VP9 or H.264 ones.
+    expect(card.locator("[data-quality] option")).to_have_text(["Auto", re.compile("^360p")])
+    in_use = _in_use(video)
+    assert in_use["video"].startswith("av01.") and in_use["audio"] == "opus", in_use
+    shots.take(page, "av1-playing")
+
+    # Without AV1, VP9 comes before H.264 (the royalty-free fallback first).
+    page.add_init_script(refusing("av01"))
+    page.reload()
+    card = _open(page, fallback_video)
+    video = card.locator("video")
+    expect(video).to_have_attribute("data-codec", "vp09", timeout=30_000)
+    _playing(page, video)
+    expect(card.locator("[data-quality] option")).to_have_text(["Auto", re.compile("^360p"), re.compile("^234p")])
+    in_use = _in_use(video)
+    assert in_use["video"].startswith("vp09.") and in_use["audio"] == "opus", in_use
+    shots.take(page, "vp9-playing")
