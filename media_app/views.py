@@ -38,7 +38,7 @@ _EXT = EXTENSIONS_FOR_TYPE
 
 LOGIN_URL = reverse_lazy("login")
 # Bumped when page.js or page.css change, so browsers do not keep an old copy.
-ASSET_VERSION = "6"
+ASSET_VERSION = "7"
 
 # ffmpeg.wasm in the page (scripts/fetch_wasm.py installs it; frontend/ffmpeg pins the versions).
 WASM_FFMPEG = "media_app/wasm/ffmpeg-0.12.15/dist/esm/index.js"

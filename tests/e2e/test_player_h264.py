@@ -121,6 +121,7 @@ def test_without_av1_and_vp9_the_h264_fallback_plays(fallback_video: str, logged
     assert in_use["video"].startswith("avc1."), in_use
     # Chromium decodes Opus, the first audio set: dash.js keeps it beside the H.264 video.
     assert in_use["audio"] == "opus", in_use
+    expect(card.locator("figcaption")).to_contain_text("DASH stream (dash.js) · H.264 + Opus")
     shots.take(page, "h264-opus-playing")
 
     # A browser that decodes neither AV1, VP9 nor Opus (as Safari's Media Source long did not):
@@ -134,6 +135,7 @@ def test_without_av1_and_vp9_the_h264_fallback_plays(fallback_video: str, logged
     in_use = _in_use(video)
     assert in_use["video"].startswith("avc1."), in_use
     assert in_use["audio"].startswith("mp4a."), in_use
+    expect(card.locator("figcaption")).to_contain_text("DASH stream (dash.js) · H.264 + AAC")
     shots.take(page, "h264-aac-playing")
 
 
@@ -149,6 +151,7 @@ def test_with_the_fallback_on_av1_plays_where_it_can_and_vp9_where_it_cannot(
     expect(card.locator("[data-quality] option")).to_have_text(["Auto", re.compile("^360p")])
     in_use = _in_use(video)
     assert in_use["video"].startswith("av01.") and in_use["audio"] == "opus", in_use
+    expect(card.locator("figcaption")).to_contain_text("DASH stream (dash.js) · AV1 + Opus")
     shots.take(page, "av1-playing")
 
     # Without AV1, VP9 comes before H.264 (the royalty-free fallback first).
@@ -161,4 +164,5 @@ def test_with_the_fallback_on_av1_plays_where_it_can_and_vp9_where_it_cannot(
     expect(card.locator("[data-quality] option")).to_have_text(["Auto", re.compile("^360p"), re.compile("^234p")])
     in_use = _in_use(video)
     assert in_use["video"].startswith("vp09.") and in_use["audio"] == "opus", in_use
+    expect(card.locator("figcaption")).to_contain_text("DASH stream (dash.js) · VP9 + Opus")
     shots.take(page, "vp9-playing")

@@ -1103,6 +1103,19 @@
       });
       player.on(dash.MediaPlayer.events.ERROR, () => progressive("the stream could not be played"));
       menu = qualityMenu(player, video);
+      // The caption names what dash.js plays (VP9 or the operator's H.264/AAC where the browser
+      // refuses AV1 or Opus), not the download's codecs.
+      const playing = () => {
+        if (video.dataset.source !== "dash") return;
+        const names = ["video", "audio"].map((type) => {
+          const rep = player.getCurrentRepresentationForType(type);
+          return rep && rep.codecs ? dashCodecName(rep.codecs) : null;
+        }).filter(Boolean);
+        caption.textContent = `DASH stream (dash.js) · ${names.length ? names.join(" + ") : codecs}${dims}`;
+      };
+      player.on(dash.MediaPlayer.events.QUALITY_CHANGE_RENDERED, playing);
+      player.on(dash.MediaPlayer.events.TRACK_CHANGE_RENDERED, playing);
+      player.on(dash.MediaPlayer.events.PLAYBACK_PLAYING, playing);
       player.initialize(video, outputs.manifest.url, false);
       video._player = player;
       video.dataset.source = "dash";
@@ -1113,6 +1126,13 @@
     const strip = storyboardStrip(video, outputs);
     const controls = menu ? el("label", { class: "quality-label" }, ["Quality ", menu]) : null;
     return el("figure", { class: "player" }, [video, strip, controls, caption]);
+  }
+
+  // A DASH codecs string (RFC 6381: "av01.0.04M.08", "mp4a.40.2", "opus") by its family.
+  function dashCodecName(codecs) {
+    const family = codecs.split(".")[0].toLowerCase();
+    const names = { av01: "AV1", vp09: "VP9", vp9: "VP9", avc1: "H.264", avc3: "H.264", opus: "Opus", mp4a: "AAC" };
+    return names[family] || family;
   }
 
   function codecName(codec) {
