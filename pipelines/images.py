@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import io
+import math
 import os
 import re
 import struct
@@ -531,18 +532,19 @@ def _encode_in_child(
                 # Pillow can only scale by 1/2, 1/4 or 1/8, and only while the result still
                 # covers the target (see _jpeg_scaled).
                 im.draft(None, target)
+            rows = _heif_rows(im, target) if pil_format == "HEIF" and not plan.animated else None
         pictures: list[Image.Image] = []
         durations: list[int] = []
         for index in range(min(frames, plan.frames) if plan.animated else 1):
-            if scaled is None:
+            if scaled is None and rows is None:
                 with _decoder_errors(limits):
                     im.seek(index)
                     im.load()
             durations.append(_duration(im))
-            picture = scaled if scaled is not None else _to_working_mode(im)
+            picture: Image.Image | _Rows = scaled if scaled is not None else rows or _to_working_mode(im)
             to_srgb = _srgb_converter(picture.mode, im.info.get("icc_profile"))
-            if plan.animated:
-                picture = _transpose(to_srgb(_resize(picture, target, None)), orientation)
+            if isinstance(picture, Image.Image) and plan.animated:
+                picture = _transpose(to_srgb(_resize(picture, target)), orientation)
             else:
                 picture = _resize_convert_turn(picture, target, to_srgb, orientation, pool)
             # Detach from the file object, which the next seek() overwrites in place.
@@ -550,7 +552,8 @@ def _encode_in_child(
         if not plan.animated:
             # The full-size pixels are done with: free them, for the encoders' buffers to reuse.
             im.close()
-            scaled = None
+            scaled = rows = None
+            _drop_heif_pixels(im)
         pictures = _same_mode(pictures)
         # Both encoders release the GIL, so they run side by side. Image.save() keeps per-call
         # state on the image object, hence the AVIF writer gets its own first frame.
@@ -594,6 +597,51 @@ def _jpeg_scaled(src: str, im: Image.Image, target: tuple[int, int]) -> Image.Im
     return Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """Decoded pixels still in the decoder's buffer: ``size[1]`` rows of ``stride`` bytes of
+    ``mode``. Pillow keeps RGB in four bytes a pixel, so an Image of them is always a copy; this
+    lets each band copy only the rows it reads (``image``), on its own thread."""
+
+    mode: str
+    size: tuple[int, int]
+    stride: int
+    data: memoryview
+
+    def image(self, first: int, last: int) -> Image.Image:
+        rows = typing.cast(bytes, self.data[first * self.stride : last * self.stride])  # any buffer will do
+        return Image.frombuffer(self.mode, (self.size[0], last - first), rows, "raw", self.mode, self.stride, 1)
+
+
+def _heif_rows(im: Image.Image, target: tuple[int, int]) -> _Rows | None:
+    """Decode a HEIF still into pillow-heif's buffer and hand it out as ``_Rows``, instead of
+    ``im.load()``, which copies all 12 MP into Pillow's image (36 MB, 30 ms on one core, before
+    the bands can start) only for the bands to read them once.
+
+    ``None`` (load as usual) for what the bands would not split or would premultiply (alpha,
+    grey, 16 bits), for a picture that needs a box reduction first, and for a pillow-heif whose
+    plugin keeps its file elsewhere. A damaged file raises here what ``im.load()`` would."""
+    heif = getattr(im, "_heif_file", None)
+    if not isinstance(heif, pillow_heif.HeifFile) or im.mode != "RGB":
+        return None
+    picture = heif[im.tell()]
+    width, height = im.size
+    small = target[0] * target[1] < _SPLIT_RESIZE_PIXELS
+    if small or int(min(width / target[0], height / target[1]) / _REDUCING_GAP) > 1:
+        return None
+    data = picture.data  # decodes (libheif, on its own threads)
+    if picture.mode != "RGB" or picture.size != im.size:
+        return None
+    return _Rows(mode="RGB", size=(width, height), stride=picture.stride, data=memoryview(data))
+
+
+def _drop_heif_pixels(im: Image.Image) -> None:
+    """Let go of pillow-heif's decoded buffer (``_heif_rows``) once the bands have read it, so
+    the encoders reuse its memory; its plugin frees it itself only after a ``load()``."""
+    if isinstance(getattr(im, "_heif_file", None), pillow_heif.HeifFile):
+        im._heif_file = None  # type: ignore[attr-defined]
+
+
 def _to_working_mode(im: Image.Image) -> Image.Image:
     """Bring any decoded mode to one that resamples correctly: L, LA, RGB, RGBA or CMYK."""
     mode = im.mode
@@ -610,33 +658,53 @@ def _to_working_mode(im: Image.Image) -> Image.Image:
 
 
 def _resize_convert_turn(
-    im: Image.Image, size: tuple[int, int], to_srgb: _Convert, orientation: int, pool: ThreadPoolExecutor
+    im: Image.Image | _Rows, size: tuple[int, int], to_srgb: _Convert, orientation: int, pool: ThreadPoolExecutor
 ) -> Image.Image:
     """Resize, convert to sRGB (after the resize: a quarter of the pixels) and turn upright, in two
     horizontal bands on two threads: resampling, lcms and transpose all release the GIL. Each band
     is resized from its own box of the source (the filter still reads across the band edge), so
     the pixels are those of one whole resize, to rounding; each band is turned on its own thread
-    (the rotation of a whole 3 MP picture cost 16 ms on one core) and pasted where it lands."""
-    if size[0] * size[1] < _SPLIT_RESIZE_PIXELS:
-        return _transpose(to_srgb(_resize(im, size, None)), orientation)
+    (the rotation of a whole 3 MP picture cost 16 ms on one core) and pasted where it lands.
+
+    ``im`` may be decoded pixels Pillow has not copied yet (``_Rows``): each band then copies only
+    the source rows its filter reads, on its own thread."""
+    if isinstance(im, _Rows):
+        rows: _Rows | None = im
+        mode, (width, height) = im.mode, im.size
+    else:
+        rows, mode, (width, height) = None, im.mode, im.size
+        if size[0] * size[1] < _SPLIT_RESIZE_PIXELS:
+            return _transpose(to_srgb(_resize(im, size)), orientation)
     # Alpha is premultiplied once here, as Image.resize would do, rather than once per band.
-    premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(im.mode)
-    source = im.convert(premultiplied) if premultiplied else im
-    factor = int(min(source.width / size[0], source.height / size[1]) / _REDUCING_GAP)
-    if factor > 1:
-        source = source.reduce(factor)  # what reducing_gap does inside Image.resize
+    premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(mode)
+    source: Image.Image | None = None
+    if isinstance(im, Image.Image):
+        source = im.convert(premultiplied) if premultiplied else im
+        factor = int(min(width / size[0], height / size[1]) / _REDUCING_GAP)
+        if factor > 1:
+            source = source.reduce(factor)  # what reducing_gap does inside Image.resize
+        width, height = source.size
     half = size[1] // 2
-    scale = source.height / size[1]
-    rows = [(0, half), (half, size[1])]
+    scale = height / size[1]
+    spans = [(0, half), (half, size[1])]
 
     def band(span: tuple[int, int]) -> Image.Image:
-        box = (0, span[0] * scale, source.width, span[1] * scale)
-        out = source.resize((size[0], span[1] - span[0]), _RESAMPLE, box=box)
-        return _transpose(to_srgb(out.convert(im.mode) if premultiplied else out), orientation)
+        top, bottom = span[0] * scale, span[1] * scale
+        if rows is not None:
+            # The rows the filter reads: its support (1 for Hamming) times the reduction, and one
+            # for Pillow's rounding of each window's ends.
+            reach = math.ceil(max(scale, 1.0)) + 1
+            first, last = max(0, math.floor(top) - reach), min(height, math.ceil(bottom) + reach)
+            picture, top, bottom = rows.image(first, last), top - first, bottom - first
+        else:
+            assert source is not None
+            picture = source
+        out = picture.resize((size[0], span[1] - span[0]), _RESAMPLE, box=(0, top, width, bottom))
+        return _transpose(to_srgb(out.convert(mode) if premultiplied else out), orientation)
 
-    bands = list(pool.map(band, rows))
+    bands = list(pool.map(band, spans))
     out = Image.new(bands[0].mode, _upright_size(*size, orientation))
-    for part, span in zip(bands, rows, strict=True):
+    for part, span in zip(bands, spans, strict=True):
         out.paste(part, _turned_origin(size, span, orientation))
     return out
 
@@ -662,32 +730,10 @@ def _turned_point(x: int, y: int, width: int, height: int, orientation: int) -> 
     return turned.get(orientation, (x, y))
 
 
-def _resize(im: Image.Image, size: tuple[int, int], pool: ThreadPoolExecutor | None) -> Image.Image:
+def _resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     if im.size == size:
         return im
-    if pool is None or size[0] * size[1] < _SPLIT_RESIZE_PIXELS:
-        return im.resize(size, _RESAMPLE, reducing_gap=_REDUCING_GAP)
-    # Alpha is premultiplied once here, as Image.resize would do, rather than once per band.
-    premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(im.mode)
-    source = im.convert(premultiplied) if premultiplied else im
-    factor = int(min(source.width / size[0], source.height / size[1]) / _REDUCING_GAP)
-    if factor > 1:
-        source = source.reduce(factor)  # what reducing_gap does inside Image.resize
-    # Resampling releases the GIL: two horizontal bands, each resized from its own box of the
-    # source (the filter still reads across the band edge), give the same pixels (to rounding)
-    # in half the time.
-    half = size[1] // 2
-    scale = source.height / size[1]
-    bands = pool.map(
-        lambda rows: source.resize(
-            (size[0], rows[1] - rows[0]), _RESAMPLE, box=(0, rows[0] * scale, source.width, rows[1] * scale)
-        ),
-        [(0, half), (half, size[1])],
-    )
-    out = Image.new(source.mode, size)
-    for band, top in zip(bands, (0, half), strict=True):
-        out.paste(band, (0, top))
-    return out.convert(im.mode) if premultiplied else out
+    return im.resize(size, _RESAMPLE, reducing_gap=_REDUCING_GAP)
 
 
 def _srgb_converter(mode: str, icc: bytes | None) -> _Convert:
