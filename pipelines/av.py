@@ -6,10 +6,16 @@ relative to the stage's directory, which the caller renames into place afterward
 
 Where the time goes (60 s of 720p on two cores): the AV1 encode is nearly all of it, so every
 other pass is built to be cheap. Demux, mux and chunk only copy packets (an audio-only upload
-is not even copied: it is read in place); the decode check decodes key frames and audio, not
-every video frame. The audio's loudness is measured (``ebur128``) in the encode's own filter
-graph and applied as the Opus header's output gain (``pipelines.opus_gain``), which every
-decoder applies: no pass of its own before the encode, and no gain baked into the samples.
+is not even copied: it is read in place); the decode check decodes key frames, not every video
+frame. The audio's loudness is measured (``ebur128``) in the encode's own filter graph and
+applied as the Opus header's output gain (``pipelines.opus_gain``), which every decoder
+applies: no pass of its own before the encode, and no gain baked into the samples.
+
+Audio alone is one ffmpeg run: its decode stage reads what the header said (no pass), and the
+encode, which decodes every sample anyway, refuses what the decode check refused (nothing
+decodable, longer than the limit whatever the header said) and writes the WebM itself, which
+the mux stage only links (``encode``, ``mux``). The encode of a 60 s song was a third of the
+pipeline's passes' time beside a decode pass and a copy into WebM.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ class DemuxResult:
     duration: float | None
     ffmpeg_format: str = MATROSKA  # the demuxer for ``file``
     # ``file`` is the upload itself (audio only, ``_READ_IN_PLACE``): later passes take its first
-    # audio stream and nothing else, and the decode check bounds its length.
+    # audio stream and nothing else, and the encode bounds its length (``audio_refusal``).
     in_place: bool = False
 
 
@@ -96,6 +102,9 @@ class DecodeResult:
     # EBU R128 of the first audio stream, which the decode check measured in an earlier version
     # (a result stored then still plans a ``volume`` gain); now None: the encode measures.
     loudness: Loudness | None = None
+    # Nothing was decoded here, only the header read (audio): the encode decodes and refuses
+    # what this check would have (``audio_refusal``); ``decoded_duration`` is then 0.
+    header_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -266,10 +275,13 @@ def demux(src: Path, out_dir: Path, *, limits: Limits, detected: Detected | None
                 maps += ["-map", f"0:{stream.index}"]
         # Containers whose packets may lack timestamps, which Matroska needs on every packet.
         extra = ("-fflags", "+genpts") if sniffed.container in ("avi", "mpeg", "mpegvideo") else ()
+        # Audio is copied a little past the limit, so that its encode refuses a longer file
+        # (``audio_refusal``) as it refuses one read in place, rather than cutting it.
+        bound = audio_bound(limits) if kind == "audio" else ("-t", f"{limits.max_duration:.0f}")
         with open_input(src, sniffed.ffmpeg_format) as inp:
             run_ffmpeg(
                 [*inp.args(*extra), *maps, "-c", "copy", "-map_metadata", "-1", "-map_chapters", "-1",
-                 "-t", f"{limits.max_duration:.0f}", "-f", "matroska", str(out_dir / name)],
+                 *bound, "-f", "matroska", str(out_dir / name)],
                 limits=limits, pass_fds=[inp.fd],
             )  # fmt: skip
         copied = probe(out_dir / name, limits=limits, ffmpeg_format=MATROSKA)
@@ -292,8 +304,8 @@ UPLOAD = "upload"
 # one of them is read as it is. Copying it into Matroska first (a pass, then a probe of the copy)
 # cost 0.12 s of a 60 s song's 2.25 s and bought nothing the later passes do not do themselves:
 # they map the first audio stream only (no cover art, no other stream), the encode drops the
-# metadata, and the decode check bounds the length the copy's ``-t`` bounded. AVI and MPEG
-# streams, whose packets may lack timestamps (``+genpts``), are still copied.
+# metadata, and the encode bounds the length the copy's ``-t`` bounded (``audio_bound``). AVI
+# and MPEG streams, whose packets may lack timestamps (``+genpts``), are still copied.
 _READ_IN_PLACE = frozenset(
     {"mp4", "mov", "webm", "matroska", "mp3", "aac", "flac", "ogg", "wav", "w64", "aiff", "caf", "wavpack",
      "ac3", "eac3", "amr"}
@@ -326,17 +338,31 @@ def decode(
 ) -> DecodeResult:
     """Prove the streams decode before an encode spends minutes on them.
 
-    Audio is decoded in full (it is cheap); video, unless ``full_video``, only at its key frames,
-    dropped to key packets before the decoder (a bitstream filter, so it works for every codec).
-    A full decode of 60 s of 720p H.264 costs ~4.5 s on two cores, a quarter of the encode,
-    while key frames catch what fails in practice (wrong codec, broken headers, garbage) and the
-    encode tolerates a damaged frame here and there the same way a full decode would.
+    Video, unless ``full_video``, is decoded only at its key frames, dropped to key packets
+    before the decoder (a bitstream filter, so it works for every codec). A full decode of 60 s
+    of 720p H.264 costs ~4.5 s on two cores, a quarter of the encode, while key frames catch
+    what fails in practice (wrong codec, broken headers, garbage) and the encode tolerates a
+    damaged frame here and there the same way a full decode would.
 
-    The audio's loudness is not measured here but in the encode's graph (``apply_loudness``):
-    its true peak (``ebur128`` at 4x the rate) was most of this pass's cost for a song.
+    Audio alone is not decoded here: its encode takes about four times a decode pass, not
+    minutes, and decodes every sample itself, so a pass before it only cost time (0.14 s of a
+    60 s song's 0.79 s). The stage keeps its place and its name and records what the header
+    said (the demux's probe has found a stream of a codec we allow, within the limits the header
+    states); the encode refuses, in this check's words, what it would have refused
+    (``audio_refusal``).
     """
     with _timed("decode", kind=demuxed.kind):
         out_dir.mkdir(parents=True, exist_ok=True)
+        if not demuxed.has_video:
+            return DecodeResult(
+                kind=demuxed.kind,
+                expected_duration=demuxed.info.media_duration,
+                decoded_duration=0.0,
+                video_frames=0,
+                full_video=False,
+                seconds=0.0,
+                header_only=True,
+            )
         keyframes_only = demuxed.has_video and not full_video
         result = _decode_pass(demuxed, demux_dir, limits, progress, keyframes_only=keyframes_only)
         if keyframes_only and result.frames == 0:
@@ -345,13 +371,9 @@ def decode(
             result = _decode_pass(demuxed, demux_dir, limits, progress, keyframes_only=False)
         decoded = result.out_time or 0.0
         if decoded <= 0 and result.frames == 0:
-            raise InvalidInput("Nothing in the file could be decoded.", detail=_tail(result))
-        if demuxed.has_video and result.frames == 0:
+            raise InvalidInput(NOTHING_DECODED, detail=_tail(result))
+        if result.frames == 0:
             raise InvalidInput("The video in the file could not be decoded.", detail=_tail(result))
-        if demuxed.in_place and decoded > limits.max_duration + 0.5:
-            # A header that understated the length (check_limits trusted it): refused, as a
-            # header that stated it would have been.
-            raise TooLarge(f"The file is longer than the {_minutes(limits.max_duration)} we accept.")
         return DecodeResult(
             kind=demuxed.kind,
             expected_duration=demuxed.info.media_duration,
@@ -360,6 +382,9 @@ def decode(
             full_video=not keyframes_only,
             seconds=round(result.seconds, 3),
         )
+
+
+NOTHING_DECODED = "Nothing in the file could be decoded."
 
 
 def _minutes(seconds: float) -> str:
@@ -373,15 +398,28 @@ def _decode_pass(
     extra: tuple[str, ...] = ("-bsf:v", "noise=drop=not(key)") if keyframes_only else ()
     if demuxed.info.video is not None:
         extra += decoder_args(demuxed.info.video.x264_build)
-    # The upload itself (in place): its first audio stream only (not cover art), and decoded
-    # only a little past the longest length we accept, which is then refused.
-    maps = ("-map", "0:a:0?") if demuxed.in_place else ("-map", "0:v:0?", "-map", "0:a:0?")
-    bound = ("-t", f"{limits.max_duration + 1:.0f}") if demuxed.in_place else ()
     with open_input(demux_dir / demuxed.file, demuxed.ffmpeg_format) as inp:
         return run_ffmpeg(
-            [*inp.args(*extra), *maps, *bound, "-f", "null", "-"],
+            [*inp.args(*extra), "-map", "0:v:0?", "-map", "0:a:0?", "-f", "null", "-"],
             limits=limits, duration=demuxed.duration, progress=progress, pass_fds=[inp.fd],
         )  # fmt: skip
+
+
+def audio_bound(limits: Limits) -> tuple[str, str]:
+    """The output option that stops reading audio a little past the longest length we accept:
+    enough to know a file is longer (``audio_refusal``) without decoding hours of it."""
+    return ("-t", f"{limits.max_duration + 1:.0f}")
+
+
+def audio_refusal(decoded: float | None, limits: Limits, result: RunResult) -> MediaError | None:
+    """What the audio decode check refused, judged on the encode's own run (``decoded``: the
+    seconds it wrote, bounded by ``audio_bound``): no sample decoded, or more decoded than the
+    limit, which a header that understated the length (``check_limits`` trusted it) hid."""
+    if not decoded or decoded <= 0:
+        return InvalidInput(NOTHING_DECODED, detail=_tail(result))
+    if decoded > limits.max_duration + 0.5:
+        return TooLarge(f"The file is longer than the {_minutes(limits.max_duration)} we accept.")
+    return None
 
 
 # --- normalize -------------------------------------------------------------------------------
@@ -758,7 +796,12 @@ def encode(
     cancel: Callable[[], bool] | None = None,
 ) -> EncodeResult:
     """AV1 (SVT-AV1) + Opus, or Opus alone, with a key frame starting every DASH segment; for a
-    video, every rung of the ladder (``pipelines.ladder``) from the same decode in the same run."""
+    video, every rung of the ladder (``pipelines.ladder``) from the same decode in the same run.
+
+    Audio alone is written as the deliverable WebM itself (``AUDIO_WEBM``, the cues at the
+    front), which the mux stage links instead of copying, and this run does the decode check's
+    work (``audio_refusal``): read a little past the longest length we accept, it refuses a
+    file that decoded to nothing or to more than the limit, before the gain is written."""
     with _timed("encode", kind=demuxed.kind):
         out_dir.mkdir(parents=True, exist_ok=True)
         vp = profiles.video
@@ -796,14 +839,23 @@ def encode(
                                   "-vn", *_CLEAN, "-f", "matroska", str(out_dir / h264.AAC_FILE)]  # fmt: skip
         else:
             args += ["-an"]
-        name = "encoded.mkv" if demuxed.kind == "video" else "encoded.mka"
-        args += [*_CLEAN, "-f", "matroska", str(out_dir / name), *extra_outputs]
+        if demuxed.kind == "video":
+            name = "encoded.mkv"
+            args += [*_CLEAN, "-f", "matroska", str(out_dir / name), *extra_outputs]
+        else:
+            # A file of cues-first WebM is what ``mux`` made by copying this run's Matroska.
+            name = AUDIO_WEBM
+            args += [*audio_bound(limits), *_CLEAN, "-f", "webm", "-cues_to_front", "1", str(out_dir / name)]
         decoding = decoder_args(plan.video.x264_build) if plan.video is not None else ()
         with open_input(demux_dir / demuxed.file, demuxed.ffmpeg_format) as inp:
             result = run_ffmpeg(
                 [*inp.args(*decoding), *args], limits=limits, duration=plan.duration, progress=progress,
                 cancel=cancel, pass_fds=[inp.fd],
             )  # fmt: skip
+        if demuxed.kind == "audio":
+            refused = audio_refusal(result.out_time, limits, result)
+            if refused is not None:
+                raise refused
         loudness, gain = apply_loudness(out_dir / name, filters, result.stderr, profiles)
         return EncodeResult(
             kind=demuxed.kind,
@@ -843,6 +895,7 @@ def apply_loudness(
 
 
 _CLEAN = ("-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1")
+AUDIO_WEBM = "media.webm"  # what the encode of audio alone writes, and the mux stage delivers
 
 
 def video_rungs(video: VideoPlan, profiles: Profiles) -> tuple[Rung, ...]:
@@ -928,17 +981,25 @@ def video_codec_args(video: VideoPlan, profiles: Profiles, key_frames: str) -> l
 
 
 def mux(encoded: EncodeResult, encode_dir: Path, out_dir: Path, *, limits: Limits) -> MuxResult:
-    """Copy into WebM with the cues (the seek index) at the front, so players seek at once."""
+    """Copy into WebM with the cues (the seek index) at the front, so players seek at once.
+
+    An encode that wrote that WebM itself (audio, ``AUDIO_WEBM``) is linked, not copied: the
+    copy was a pass of its own (0.05 s of a 60 s song's 0.79 s) that changed no byte a player
+    reads. A Matroska encode stored by an earlier version is copied as before."""
     with _timed("mux", kind=encoded.kind):
         out_dir.mkdir(parents=True, exist_ok=True)
         dst = out_dir / "media.webm"
-        with open_input(encode_dir / encoded.file, MATROSKA) as inp:
-            cmd = (
-                ffmpeg.input("fd:", **inp.options)
-                .output(str(dst), c="copy", f="webm", cues_to_front=1, map_metadata=-1, **{"map": "0"})
-                .compile(cmd=ffmpeg_exe())
-            )
-            run_ffmpeg(cmd, limits=limits, pass_fds=[inp.fd])
+        if encoded.file.endswith(".webm"):
+            dst.unlink(missing_ok=True)
+            _link_or_copy(encode_dir / encoded.file, dst)
+        else:
+            with open_input(encode_dir / encoded.file, MATROSKA) as inp:
+                cmd = (
+                    ffmpeg.input("fd:", **inp.options)
+                    .output(str(dst), c="copy", f="webm", cues_to_front=1, map_metadata=-1, **{"map": "0"})
+                    .compile(cmd=ffmpeg_exe())
+                )
+                run_ffmpeg(cmd, limits=limits, pass_fds=[inp.fd])
         info = probe(dst, limits=limits, ffmpeg_format=MATROSKA)
         video, audio = info.video, info.audio
         if video is None and audio is None:

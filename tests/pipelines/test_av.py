@@ -6,7 +6,9 @@ import dataclasses
 import itertools
 import math
 import os
+import random
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -459,30 +461,64 @@ def test_an_audio_upload_is_read_in_place_without_its_cover_art(
     assert (dm.kind, dm.in_place, dm.ffmpeg_format, dm.has_video) == ("audio", True, "mp3", False)
     assert [f.name for f in run.dir("demux").iterdir()] == [dm.file]
     assert (run.dir("demux") / dm.file).read_bytes() == src.read_bytes()
-    assert run["decode"].video_frames == 0 and run["decode"].decoded_duration == pytest.approx(2.0, abs=0.1)
+    assert run["decode"].video_frames == 0 and run["encode"].duration == pytest.approx(2.0, abs=0.1)
     seen = looker(run.dir("mux") / "media.webm")
     assert (seen.audio_codec, seen.video_codec) == ("opus", None)
     assert seen.duration == pytest.approx(2.0, abs=0.1)
 
 
-def test_an_audio_upload_of_unstated_length_is_refused_past_the_limit(
-    media: Any, profiles: Profiles, tmp_path: Path
+def _webm_stating(src: Path, dst: Path, milliseconds: float) -> Path:
+    """``src`` (a WebM with a 1 ms timecode scale) whose Segment Info says it lasts ``milliseconds``."""
+    data = bytearray(src.read_bytes())
+    at = data.index(b"\x44\x89\x88") + 3  # Duration, an 8-byte float
+    data[at : at + 8] = struct.pack(">d", milliseconds)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("header", ["unstated", "understated"])
+def test_an_audio_upload_longer_than_its_header_says_is_refused_past_the_limit(
+    header: str, media: Any, pipeline: Any, profiles: Profiles, tmp_path: Path
 ) -> None:
-    """Read in place, an upload is no longer cut at the longest length we accept (the copy into
-    Matroska cut it): one whose header does not state its length (a WebM written live) passes
-    the header check, and the decode check refuses it once it has decoded past the limit."""
-    live = media.make(
-        "live.webm",
-        ["-f", "lavfi", "-i", "sine=frequency=330:duration=6", "-c:a", "libopus", "-live", "1", "-f", "webm"],
-    )
-    limits = dataclasses.replace(profiles.limits, max_duration=4)
-    dm = stages.demux(live, tmp_path / "demux", limits=limits)
-    assert dm.in_place and dm.duration is None
+    """Read in place, an upload is not cut at the longest length we accept: one whose header
+    does not state its length (a WebM written live) or states less than there is passes the
+    header check, and the encode, which is the decode check for a sound, refuses it once it has
+    decoded past the limit; nothing is delivered. Within the limit, all of it is encoded."""
+    six = ["-f", "lavfi", "-i", "sine=frequency=330:duration=6", "-c:a", "libopus"]
+    if header == "unstated":
+        src = media.make("live.webm", [*six, "-live", "1", "-f", "webm"])
+    else:
+        src = _webm_stating(media.make("six.webm", [*six, "-f", "webm"]), tmp_path / "says-1s.webm", 1000.0)
+    limited = dataclasses.replace(profiles, limits=dataclasses.replace(profiles.limits, max_duration=4))
+    dm = stages.demux(src, tmp_path / "demux", limits=limited.limits)
+    assert dm.in_place and dm.duration == (None if header == "unstated" else pytest.approx(1.0))
     with pytest.raises(TooLarge) as caught:
-        stages.decode(dm, tmp_path / "demux", tmp_path / "decode", limits=limits)
+        pipeline(src, profiles=limited)
     assert caught.value.message == "The file is longer than the 4 seconds we accept."
-    within = stages.decode(dm, tmp_path / "demux", tmp_path / "decode", limits=profiles.limits)
-    assert within.decoded_duration == pytest.approx(6.0, abs=0.1)
+    assert not (tmp_path / "stages" / "mux").exists()
+    shutil.rmtree(tmp_path / "stages")
+    run = pipeline(src)
+    assert run["encode"].duration == pytest.approx(6.0, abs=0.1)
+    assert run["mux"].outputs[0].duration == pytest.approx(6.0, abs=0.1)
+
+
+@pytest.mark.parametrize("sample", ["wav_empty_header_only.wav", "flac-frames-garbled", "flac-no-frames"])
+def test_a_sound_of_which_nothing_decodes_is_refused(sample: str, media: Any, pipeline: Any, tmp_path: Path) -> None:
+    """A header with no sound behind it (a WAV header alone, FLAC frames overwritten, a FLAC
+    of no samples) passes the demux's probe; the encode decodes nothing and refuses it with the
+    decode check's words, before any gain is measured or any WebM delivered."""
+    if sample.endswith(".wav"):
+        src = TESTDATA / "hostile" / sample
+    elif sample == "flac-no-frames":
+        src = media.make("no-samples.flac", ["-f", "lavfi", "-i", "anullsrc=r=44100", "-t", "0", "-c:a", "flac"])
+    else:
+        flac = media.audio("for-garbling.flac", seconds=6, codec="flac").read_bytes()
+        src = tmp_path / "garbled.flac"
+        src.write_bytes(flac[:8192] + bytes(random.Random(7).randrange(256) for _ in range(len(flac) - 8192)))
+    with pytest.raises(InvalidInput) as caught:
+        pipeline(src)
+    assert caught.value.message == "Nothing in the file could be decoded."
+    assert not (tmp_path / "stages" / "mux").exists()
 
 
 def test_audio_can_be_chunked_too(song: Path, pipeline: Any, profiles: Profiles, tmp_path: Path) -> None:
@@ -571,14 +607,14 @@ def test_codec_off_the_allow_list_is_named(media: Any, profiles: Profiles, tmp_p
     assert "ffv1" in caught.value.message
 
 
-def test_garbage_after_a_valid_header_decodes_nothing(media: Any, profiles: Profiles, tmp_path: Path) -> None:
+def test_garbage_after_a_valid_header_decodes_nothing(media: Any, pipeline: Any, tmp_path: Path) -> None:
     song = media.audio("for-garbage.mp3", seconds=2)
     data = song.read_bytes()
     bad = tmp_path / "bad.mp3"
     bad.write_bytes(data[:64] + os.urandom(len(data) - 64))
     with pytest.raises(MediaError):
-        dm = stages.demux(bad, tmp_path / "demux", limits=profiles.limits)
-        stages.decode(dm, tmp_path / "demux", tmp_path / "decode", limits=profiles.limits)
+        pipeline(bad)
+    assert not (tmp_path / "stages" / "mux").exists()
 
 
 HOSTILE = sorted((TESTDATA / "hostile").glob("ffmpeg_*"))
