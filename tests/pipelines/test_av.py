@@ -28,6 +28,7 @@ from pipelines import opus_gain
 from pipelines.errors import InvalidInput, MediaError, TooLarge, UnsupportedCodec
 from pipelines.profiles import Profiles
 from pipelines.results import Output, from_json, to_json
+from pipelines.runner import ffmpeg_exe
 from pipelines.sniff import sniff
 
 TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
@@ -351,6 +352,30 @@ def test_audio_becomes_loudness_normalised_opus_webm(
     assert (seen.audio_codec, seen.sample_rate, seen.video_codec) == ("opus", 48000, None)
     assert seen.duration == pytest.approx(3.0, abs=0.1) and out.duration == pytest.approx(3.0, abs=0.1)
     assert measure_lufs(path) == pytest.approx(-16.0, abs=1.0)
+    data = path.read_bytes()
+    assert 0 < data.find(CUES) < data.find(CLUSTER), "the index must come before the first cluster"
+
+
+def test_an_audio_encode_stored_as_matroska_by_an_earlier_version_is_still_muxed(
+    song: Path, pipeline: Any, profiles: Profiles, looker: Any, tmp_path: Path
+) -> None:
+    """An item whose encode an earlier version did (``encoded.mka``) when this one came: the mux
+    stage copies it into the same cues-first WebM, with the same packets and the same gain."""
+    run = pipeline(song)
+    enc = run["encode"]
+    old = tmp_path / "old-encode"
+    old.mkdir()
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-i", str(run.dir("encode") / enc.file), "-c", "copy", "-f", "matroska",
+         str(old / "encoded.mka")],
+        check=True, timeout=60,
+    )  # fmt: skip
+    muxed = stages.mux(dataclasses.replace(enc, file="encoded.mka"), old, tmp_path / "mux", limits=profiles.limits)
+    path = tmp_path / "mux" / muxed.outputs[0].file
+    data = path.read_bytes()
+    assert 0 < data.find(CUES) < data.find(CLUSTER)
+    assert opus_gain.read_gain(path) == pytest.approx(enc.gain_db, abs=1 / 256)
+    assert looker(path).audio_seconds == pytest.approx(looker(run.dir("mux") / "media.webm").audio_seconds)
 
 
 def test_loudness_is_measured_in_the_encode_and_written_as_the_opus_gain(
