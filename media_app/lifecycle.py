@@ -14,7 +14,8 @@ The state table (``docs/decisions.md`` gives the race each guard closes)::
     upload_finished   Pending, upload open                          Pending, upload finished
     queued            Pending, upload finished, not queued          Pending, queued; task sent after commit
     chain_started     Pending, queued under this very task id       Pending, task id of the chain's first link
-    stage_started     Pending queued, or Processing                 Processing at the stage, attempt n, not waiting
+    stage_started     Pending queued, or Processing (under the      Processing at the stage, attempt n, not waiting
+                      entry task's id, when it runs them inline)
     stage_finished    Processing at that stage                      progress at the stage's end, waiting since now
     stage_advanced    Processing at that stage                      Processing at the next stage, attempt 1 (fused)
     progressed        Processing, below that progress               that progress (no history row)
@@ -249,10 +250,15 @@ def chain_started(*, item_id: Any, entry_task_id: str, first_task_id: str, detec
     return _apply(item_id, where, changes, history=False, announce=bool(detected)) is not None
 
 
-def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int) -> int | None:
+def stage_started(
+    *, item_id: Any, stage: str, task_id: str, progress: int, entry_task_id: str | None = None
+) -> int | None:
     """A stage task begins: Processing at ``stage``. Returns the delivery number of this stage
     (counted in the database, so a delivery whose worker was SIGKILLed still counts), or None
-    when the item is final (cancelled, failed, completed) or gone: the stage must not run."""
+    when the item is final (cancelled, failed, completed) or gone: the stage must not run.
+    ``entry_task_id``: the entry task runs the stages itself (a fused kind), and it applies only
+    while the item is still queued (or processing) under that very id, as ``chain_started``
+    would: a delivery the watchdog replaced meanwhile starts nothing."""
     now = timezone.now()
     changes = {
         "attempts": Case(When(Q(status=PROCESSING, stage=stage), then=F("attempts") + 1), default=Value(1)),
@@ -268,7 +274,10 @@ def stage_started(*, item_id: Any, stage: str, task_id: str, progress: int) -> i
     }
     with transaction.atomic():
         # The message needs the attempt number, known only after the update: written below.
-        item = _apply(item_id, QUEUED | Q(status=PROCESSING), changes, history=False)
+        where = QUEUED | Q(status=PROCESSING)
+        if entry_task_id is not None:
+            where &= Q(task_id=entry_task_id)
+        item = _apply(item_id, where, changes, history=False)
         if item is None:
             return None
         # It left its line: those behind it moved up.

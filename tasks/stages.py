@@ -15,10 +15,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task, chain, chord, shared_task
 from celery.exceptions import Ignore
+from celery.utils.time import get_exponential_backoff_interval
 from django.conf import settings
 from django.core.files.storage import default_storage
 
@@ -176,8 +177,10 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     return {"stage": stage, "skipped": False, "seconds": ran.seconds}
 
 
-def work_stage(task: Task, item: MediaItem, stage: str, attempt: int) -> StageRun:
-    """A started stage's work: skipped if storage has it, else run and written through."""
+def work_stage(task: Task, item: MediaItem, stage: str, attempt: int, *, then: list[Any] | None = None) -> StageRun:
+    """A started stage's work: skipped if storage has it, else run and written through.
+    ``then``: the links that follow this stage when it runs in a fused task (a fan-out of the
+    encode must bring them along; in a chain, Celery carries them)."""
     if attempt > settings.MEDIA_MAX_ATTEMPTS:
         # Redelivered after its worker died each time: a poison file, not bad luck.
         raise MediaError(
@@ -195,7 +198,7 @@ def work_stage(task: Task, item: MediaItem, stage: str, attempt: int) -> StageRu
         chunks = _stored_plan(item_id) or bindings.chunk_plan(ctx)
         if chunks is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-            fan_out(task, item, chunks)  # raises: the chord takes this task's place in the chain
+            fan_out(task, item, chunks, then=then)  # raises: the chord takes this task's place in the chain
     try:
         result = bindings.run(ctx)
         stored = workspace.commit_stage(item_id, stage, tmp, result)
@@ -220,6 +223,7 @@ def log_run(task: Task, item_id: Any, stage: str, attempt: int, ran: StageRun, a
         peak_child_mb=round(ran.peak / 2**20),
         stored_bytes=ran.stored,
         worker=task.request.hostname or "",
+        task=task.name,
     )
 
 
@@ -244,13 +248,36 @@ STAGE_TASKS: dict[str, Task] = {stage: _stage_task(stage) for stage in bindings.
 # redelivery on another host resumes from the first stage not done, as a chain would.
 # Audio too: its encode is a second or two per minute of sound, and its other stages are
 # milliseconds each, so the hops of a chain of seven tasks were a sixth of a song's time.
-# Video stays a chain: its encode may fan out into a chord of chunks (``fan_out``), which
-# replaces a link of a chain, and minutes of encode make the hops noise.
+# A video runs fused too when its encode is planned whole (``runs_fused``: chunking off, or not
+# longer than one chunk): its nine stages were ten deliveries, each a broker round trip, a
+# worker's wait and two saves. A longer video stays a chain: its encode fans out into a chord
+# of chunks (``fan_out``), which replaces a link of a chain; should a fused video's encode find
+# it needs chunks after all, the chord takes the rest of the chain along.
 
 FUSED_KINDS = frozenset({"image", "audio"})
 
 
-def run_fused(task: Task, item_id: str) -> None:
+def fused_limit(kind: str) -> int:
+    """Hard seconds for one delivery running every stage of ``kind``: the sum of theirs, never
+    past the ceiling."""
+    return min(sum(bindings.time_limits(st)[0] for st in bindings.PIPELINES[kind]), _ceiling_seconds())
+
+
+def runs_fused(item: MediaItem) -> bool:
+    """Whether the item's stages run in one task: a kind in FUSED_KINDS, or a video whose encode
+    is planned whole (chunking off, or the probed duration not longer than one chunk), which
+    then has nothing to fan out. A longer video is a chain, its encode a chord of chunks."""
+    if item.kind in FUSED_KINDS:
+        return True
+    if item.kind != "video":
+        return False
+    every = bindings.profiles().video.chunk_seconds
+    return every <= 0 or (item.duration is not None and 0 < item.duration <= every)
+
+
+def run_fused(task: Task, item_id: str, *, entry_task_id: str | None = None) -> None:
+    """Every stage of the item, from the first not done, in this delivery. ``entry_task_id``:
+    called by the entry task itself, whose id the item must still be queued under."""
     item = MediaItem.objects.filter(pk=item_id).first()
     if item is None:
         raise Ignore()
@@ -258,21 +285,31 @@ def run_fused(task: Task, item_id: str) -> None:
     # Stages already done in storage (by an earlier delivery, on any host) are not announced
     # again: starting them would reset the stalled stage's delivery count, and a file that kills
     # its worker every time would then be redelivered forever.
-    start = next((n for n, st in enumerate(stages) if not workspace.stage_done(item_id, st)), len(stages))
+    # Every stage done already (a delivery after the last one, or a retry of an item cancelled
+    # just after its store): the last one is started again, found done and skipped, so the
+    # item goes through Processing to Completed rather than stay queued.
+    start = next((n for n, st in enumerate(stages) if not workspace.stage_done(item_id, st)), len(stages) - 1)
     todo = stages[start:]
     task_id = task.request.id or ""
-    attempt = 0
-    if todo:
-        first = lifecycle.stage_started(
-            item_id=item_id, stage=todo[0], task_id=task_id, progress=int(bindings.progress_span(item.kind, todo[0])[0])
-        )
-        if first is None:
-            raise Ignore()  # deleted, cancelled or finished
-        attempt = first
+    attempt = lifecycle.stage_started(
+        item_id=item_id,
+        stage=todo[0],
+        task_id=task_id,
+        progress=int(bindings.progress_span(item.kind, todo[0])[0]),
+        entry_task_id=entry_task_id,
+    )
+    if attempt is None:
+        raise Ignore()  # deleted, cancelled or finished
     # ``item`` was read after the entry task committed its kind and media info, which no stage
     # changes: no reload per stage.
     for n, stage in enumerate(todo):
-        ran = work_stage(task, item, stage, attempt)
+        # A video whose normalized duration turns out to need chunks after all: the encode fans
+        # out, and the chain's links after it (mux, chunk, store, finish) follow the chord.
+        then = chain_links(item)[start + n + 1 :] if stage == ENCODE and item.kind == "video" else None
+        try:
+            ran = work_stage(task, item, stage, attempt, then=then)
+        except RETRYABLE_ERRORS as exc:
+            retry_stage(task, item_id, stage, attempt, exc)
         end = int(bindings.progress_span(item.kind, stage)[1])
         if n + 1 < len(todo):
             # This stage's end and the next one's start: one write, one broadcast.
@@ -295,15 +332,31 @@ def run_fused(task: Task, item_id: str) -> None:
         if next_attempt is None:
             raise Ignore()  # cancelled while it ran: its result stays in storage
         attempt = next_attempt
-    if todo:
-        clear_work(item_id)
-    else:
-        finish_item(item_id)  # every stage was done already: a delivery after the last one
+    clear_work(item_id)
+
+
+def retry_stage(task: Task, item_id: str, stage: str, attempt: int, exc: BaseException) -> NoReturn:
+    """A retryable error in a fused run: each stage gets MEDIA_MAX_ATTEMPTS, as in a chain (not
+    the task's all together, so a blink in demux leaves a video's encode its three tries); the
+    retried delivery resumes at this stage, after the same back-off as a stage task's."""
+    if attempt < settings.MEDIA_MAX_ATTEMPTS:
+        countdown = get_exponential_backoff_interval(
+            factor=int(task.retry_backoff),
+            retries=attempt - 1,
+            maximum=task.retry_backoff_max,
+            full_jitter=task.retry_jitter,
+        )
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None)
+    report = classify(exc)
+    logger.warning("stage failed item=%s task=%s code=%s %s", item_id, task.name, report.code, report.detail[-500:])
+    lifecycle.failed(item_id=item_id, error=report)
+    raise Ignore()
 
 
 @shared_task(bind=True, base=StageTask, name="media.stage.fused")
 def fused(self: Task, item_id: str) -> None:
-    """Every stage of a small item (an image, a sound), then its finish, in one delivery."""
+    """Every stage of an item that ``runs_fused`` (an image, a sound, a video encoded whole),
+    then its finish, in one delivery."""
     run_fused(self, item_id)
 
 
@@ -328,7 +381,7 @@ def _stored_plan(item_id: Any) -> Any:
     return workspace.load_result(item_id, bindings.PLAN_STAGE, bindings.chunked.ChunkPlan)
 
 
-def fan_out(task: Task, item: MediaItem, chunks: Any) -> None:
+def fan_out(task: Task, item: MediaItem, chunks: Any, *, then: list[Any] | None = None) -> None:
     item_id = str(item.pk)
     if not workspace.stage_done(item_id, bindings.PLAN_STAGE):
         tmp = workspace.new_tmp_dir(item_id, bindings.PLAN_STAGE)
@@ -343,7 +396,8 @@ def fan_out(task: Task, item: MediaItem, chunks: Any) -> None:
     header = [encode_part.si(item_id, rng.index).set(**opts) for rng in chunks.ranges]
     header.append(encode_audio.si(item_id).set(**opts))
     logger.info(json.dumps({"item": item_id, "stage": ENCODE, "chunks": len(chunks.ranges), "outcome": "fan-out"}))
-    task.replace(chord(header, encode_join.si(item_id).set(**opts)))
+    fanned = chord(header, encode_join.si(item_id).set(**opts))
+    task.replace(chain(fanned, *then) if then else fanned)
     raise Ignore()  # replace() raises this itself; never fall through to a whole-file encode
 
 
@@ -466,14 +520,17 @@ def chain_links(item: MediaItem) -> list[Any]:
 
 
 def process_links(item: MediaItem) -> list[Any]:
-    """What the entry task queues: the chain of stage tasks, or for a kind in FUSED_KINDS one
-    task that runs them all (limited by the sum of their limits)."""
-    if item.kind not in FUSED_KINDS:
+    """What the entry task queues: the chain of stage tasks, or for an item that ``runs_fused``
+    one task that runs them all (limited by the sum of their limits)."""
+    if not runs_fused(item):
         return chain_links(item)
-    stages = bindings.PIPELINES[item.kind]
-    hard = min(sum(bindings.time_limits(st)[0] for st in stages), _ceiling_seconds())
-    opts = {"queue": str(stages[0].queue), "time_limit": hard, "soft_time_limit": int(hard * 0.9)}
+    hard = fused_limit(item.kind)
+    opts = {"queue": str(fused_queue(item.kind)), "time_limit": hard, "soft_time_limit": int(hard * 0.9)}
     return [fused.si(str(item.pk)).set(**opts)]
+
+
+def fused_queue(kind: str) -> str:
+    return str(bindings.PIPELINES[kind][0].queue)
 
 
 def _ceiling_seconds() -> int:
@@ -484,15 +541,64 @@ def build_chain(item: MediaItem) -> Any:
     return chain(*process_links(item))
 
 
-# Its return value (the first link's id) is for in-process callers (``manage.py process``); none
-# reads it from the result backend, so it is not stored there.
-@shared_task(bind=True, name="media.process", acks_late=True, ignore_result=True, time_limit=300, soft_time_limit=270)
+# --- the entry task ---------------------------------------------------------------------------
+#
+# It learns the item's kind (the one probe of the upload) and hands over to the item's chain or
+# fused task. For an image, one more task was a third of the queue's cost per item (a broker
+# round trip, a delivery, a second task set-up): so when the item runs fused and its stages'
+# queue is the very queue this delivery came from, the entry task runs the stages itself, one
+# task per image. Everything else is as in ``media.stage.fused``: the same ``run_fused``, the
+# same retry policy (``StageTask``), the item's task id is this task's, so a cancel kills it, and
+# a redelivery or retry of this same task resumes at the first stage not done. It inlines only
+# when the stages' summed time limit fits in its own beside the detection's budget: images, whose
+# steps are seconds at most; an audio file's encode may take up to the ceiling, so audio (and an
+# unchunked video) is handed over to one fused task on its queue.
+
+ENTRY_SECONDS = 300  # the entry task's own work: one sandboxed probe of the upload
+
+
+def _entry_limit() -> int:
+    return min(ENTRY_SECONDS + fused_limit("image"), _ceiling_seconds())
+
+
+def runs_inline(task: Task, item: MediaItem) -> bool:
+    """Whether this delivery of the entry task runs the item's stages itself."""
+    if not runs_fused(item):
+        return False
+    request = task.request
+    if not request.is_eager:
+        routing = (request.delivery_info or {}).get("routing_key")
+        if routing != fused_queue(item.kind):
+            return False  # its stages belong to workers of another queue
+    hard = (request.timelimit or (None, None))[0] or task.time_limit or _ceiling_seconds()
+    return fused_limit(item.kind) + ENTRY_SECONDS <= hard
+
+
+# Its return value (the id of the task that runs the first stage) is for in-process callers
+# (``manage.py process``); none reads it from the result backend, so it is not stored there.
+@shared_task(
+    bind=True,
+    base=StageTask,
+    name="media.process",
+    time_limit=_entry_limit(),
+    soft_time_limit=int(_entry_limit() * 0.9),
+)
 def process(self: Task, item_id: str) -> str | None:
     """Entry task: learn the item's kind and streams from its content (the one probe of the
-    upload), then hand over to its chain. A delivery whose id is not the one the item was queued
-    under (a duplicate, or one the watchdog replaced) starts nothing."""
+    upload), then run its stages here (``runs_inline``) or hand over to its chain. A delivery
+    whose id is not the one the item was queued under (a duplicate, or one the watchdog
+    replaced) starts nothing."""
     item = MediaItem.objects.filter(pk=item_id).first()
-    if item is None or not item.is_queued or item.task_id != self.request.id:
+    if item is None or item.task_id != self.request.id:
+        return None
+    if item.status == MediaStatus.PROCESSING:
+        # This very task started the stages itself, then was retried or redelivered (its worker
+        # died): on from the first stage not done, the stalled stage's delivery counted.
+        if runs_inline(self, item):
+            run_fused(self, item_id, entry_task_id=self.request.id)
+            return self.request.id
+        return None
+    if not item.is_queued:
         return None
     detected: dict[str, Any] = {}
     if not item.kind or (item.kind != "image" and "probe" not in (item.media_info or {})):
@@ -512,7 +618,16 @@ def process(self: Task, item_id: str) -> str | None:
             "duration": found.duration,
             "media_info": media_info,
         }
-        item.kind = found.kind
+        item.kind, item.duration, item.media_info = found.kind, found.duration, media_info
+    if runs_inline(self, item):
+        # The kind learnt is saved under the same guard as a hand-over; then the first stage
+        # starts only while the item is still queued under this task's id.
+        if detected and not lifecycle.chain_started(
+            item_id=item_id, entry_task_id=self.request.id, first_task_id=self.request.id, detected=detected
+        ):
+            return None
+        run_fused(self, item_id, entry_task_id=self.request.id)
+        return self.request.id
     links = process_links(item)
     first_id = links[0].freeze().id
     if not lifecycle.chain_started(
