@@ -843,9 +843,11 @@ def encode(
             name = "encoded.mkv"
             args += [*_CLEAN, "-f", "matroska", str(out_dir / name), *extra_outputs]
         else:
-            # A file of cues-first WebM is what ``mux`` made by copying this run's Matroska.
+            # The cues-first WebM ``mux`` made by copying this run's Matroska, byte for byte: without
+            # the encoder's name on the track, which the copy's -map_metadata -1 dropped.
             name = AUDIO_WEBM
-            args += [*audio_bound(limits), *_CLEAN, "-f", "webm", "-cues_to_front", "1", str(out_dir / name)]
+            args += [*audio_bound(limits), *_CLEAN, "-metadata:s:a:0", "encoder=", "-f", "webm",
+                     "-cues_to_front", "1", str(out_dir / name)]  # fmt: skip
         decoding = decoder_args(plan.video.x264_build) if plan.video is not None else ()
         with open_input(demux_dir / demuxed.file, demuxed.ffmpeg_format) as inp:
             result = run_ffmpeg(
@@ -985,13 +987,21 @@ def mux(encoded: EncodeResult, encode_dir: Path, out_dir: Path, *, limits: Limit
 
     An encode that wrote that WebM itself (audio, ``AUDIO_WEBM``) is linked, not copied: the
     copy was a pass of its own (0.05 s of a 60 s song's 0.79 s) that changed no byte a player
-    reads. A Matroska encode stored by an earlier version is copied as before."""
+    reads. Nor is it probed: it is one Opus track the encode has just written, refused if it
+    held no sound, and its length is the Segment's (``opus_gain.read_duration``, what the probe
+    reported); the probe, in a child forked from the worker, was 0.01-0.03 s more. A Matroska
+    encode stored by an earlier version is copied and probed as before."""
     with _timed("mux", kind=encoded.kind):
         out_dir.mkdir(parents=True, exist_ok=True)
         dst = out_dir / "media.webm"
         if encoded.file.endswith(".webm"):
             dst.unlink(missing_ok=True)
             _link_or_copy(encode_dir / encoded.file, dst)
+            duration = opus_gain.read_duration(dst) if encoded.kind == "audio" else None
+            if duration:
+                output = Output(role="audio", file=dst.name, content_type="audio/webm", codec=encoded.codec,
+                                duration=round(duration, 3), bytes=dst.stat().st_size)  # fmt: skip
+                return MuxResult(kind=encoded.kind, file=dst.name, outputs=(output,))
         else:
             with open_input(encode_dir / encoded.file, MATROSKA) as inp:
                 cmd = (

@@ -7,13 +7,16 @@ segment) takes it along. Loudness normalisation is then a header value, written 
 has measured the audio in its own pass, not a gain baked into the samples by a pass before it.
 
 The walk follows the EBML structure (Segment, Tracks, TrackEntry, CodecPrivate) rather than
-searching for the magic bytes, so that a patch can never land in the audio data.
+searching for the magic bytes, so that a patch can never land in the audio data. The same walk
+reads the Segment's duration (``read_duration``), which is all the mux stage needs to know of a
+WebM the encode has just written, without a probe in a child process of its own.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from pipelines.errors import MediaError
 
 _EBML, _SEGMENT, _TRACKS, _TRACK_ENTRY = 0x1A45DFA3, 0x18538067, 0x1654AE6B, 0xAE
 _CODEC_ID, _CODEC_PRIVATE, _CLUSTER = 0x86, 0x63A2, 0x1F43B675
+_INFO, _TIMECODE_SCALE, _DURATION = 0x1549A966, 0x2AD7B1, 0x4489
+_DEFAULT_TIMECODE_SCALE = 1_000_000  # nanoseconds per tick: milliseconds, Matroska's default
 _MAGIC = b"OpusHead"
 _GAIN_OFFSET = 16
 _MAX_Q78 = 0x7FFF
@@ -58,6 +63,34 @@ def write_gain(path: Path, db: float) -> None:
         fh.write(gain_q78(db).to_bytes(2, "little", signed=True))
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def read_duration(path: Path) -> float | None:
+    """The Segment's duration in seconds, as its Info says (what a probe reports as the
+    container's), or None when the Info has none (a file written live)."""
+    with open(path, "rb") as fh:
+        data = fh.read(_HEAD_LIMIT)
+    for segment in _children(data, 0, len(data)):
+        if segment.ident != _SEGMENT:
+            continue
+        end = len(data) if segment.size is None else min(len(data), segment.start + segment.size)
+        for top in _children(data, segment.start, end):
+            if top.ident == _CLUSTER:
+                break
+            if top.ident != _INFO or top.size is None or top.start + top.size > len(data):
+                continue
+            scale, ticks = _DEFAULT_TIMECODE_SCALE, None
+            for el in _children(data, top.start, top.start + top.size):
+                raw = data[el.start : el.start + (el.size or 0)]
+                if el.ident == _TIMECODE_SCALE and 0 < len(raw) <= 8:
+                    scale = int.from_bytes(raw, "big")
+                elif el.ident == _DURATION and len(raw) in (4, 8):
+                    ticks = struct.unpack(">f" if len(raw) == 4 else ">d", raw)[0]
+            if ticks is None or not math.isfinite(ticks) or ticks < 0 or scale <= 0:
+                return None
+            return float(ticks * scale / 1e9)
+        break
+    return None
 
 
 def _gain_offset(data: bytes, path: Path) -> int:
