@@ -15,6 +15,7 @@ import io
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import pillow_heif
 from PIL import Image, ImageCms, ImageOps
 
 from bench import inputs, stack
-from bench.harness import Report, Row, check, ffmpeg, median, ratio, run, spread, timed_cpu
+from bench.harness import Report, Row, check, cpu_now, ffmpeg, median, ratio, run, spread, timed_cpu
 
 IMAGE_MS = 400.0  # issue 3: a 12-megapixel JPEG -> AVIF + WebP in under 400 ms
 
@@ -46,6 +47,19 @@ def pipeline_image(src: Path, out_dir: Path, profiles: Any) -> Outputs:
     plan = images.image_normalize(info, profiles=profiles)
     images.image_encode(src, info, plan, out_dir, profiles=profiles, limits=limits)
     return Outputs(out_dir / "image.avif", out_dir / "image.webp")
+
+
+def timed_pipeline(src: Path, out_dir: Path, profiles: Any) -> tuple[float, float, Outputs]:
+    """(wall seconds, CPU seconds, outputs) of ``pipeline_image``. The encode's child is reaped by
+    a thread after its result is in (pipelines.sandbox), so its CPU time is counted once that
+    thread is done, after the wall clock has stopped."""
+    cpu, started = cpu_now(), time.perf_counter()
+    outs = pipeline_image(src, out_dir, profiles)
+    wall = time.perf_counter() - started
+    for thread in threading.enumerate():
+        if thread.name.startswith("reap-"):
+            thread.join(10)
+    return wall, cpu_now() - cpu, outs
 
 
 def _srgb(im: Image.Image) -> Image.Image:
@@ -124,7 +138,7 @@ def image_section(report: Report, owner: Any, *, reps: int, worker_reps: int) ->
                     out = work / f"{side}{i}"
                     out.mkdir()
                     if side == "pipe":
-                        seconds, cpu, pipe_out = timed_cpu(lambda o=out, s=src: pipeline_image(s, o, profiles))
+                        seconds, cpu, pipe_out = timed_pipeline(src, out, profiles)
                         pipe_ms.append(seconds * 1000)
                         pipe_cpu.append(cpu * 1000)
                     else:
@@ -138,7 +152,8 @@ def image_section(report: Report, owner: Any, *, reps: int, worker_reps: int) ->
                 Row(f"image {label} → AVIF+WebP", value, "ms", median(bare_ms), ratio(value, median(bare_ms)),
                     target, check(value, "<", IMAGE_MS) if has_target else None, spread(pipe_ms, "{:.0f}"), reps,
                     f"CPU ms {median(pipe_cpu):.0f} vs bare {median(bare_cpu):.0f}; "
-                    f"bare wall {spread(bare_ms, '{:.0f}')}")
+                    f"bare wall {spread(bare_ms, '{:.0f}')}; fastest runs {min(pipe_ms):.0f} vs bare "
+                    f"{min(bare_ms):.0f} ({min(pipe_ms) / min(bare_ms):.2f}x, the nearest to a quiet machine)")
             )  # fmt: skip
             with Image.open(pipe_out.avif) as im:
                 ref = reference(src, im.size)
