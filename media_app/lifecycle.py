@@ -251,14 +251,21 @@ def chain_started(*, item_id: Any, entry_task_id: str, first_task_id: str, detec
 
 
 def stage_started(
-    *, item_id: Any, stage: str, task_id: str, progress: int, entry_task_id: str | None = None
+    *,
+    item_id: Any,
+    stage: str,
+    task_id: str,
+    progress: int,
+    entry_task_id: str | None = None,
+    detected: dict[str, Any] | None = None,
 ) -> int | None:
     """A stage task begins: Processing at ``stage``. Returns the delivery number of this stage
     (counted in the database, so a delivery whose worker was SIGKILLed still counts), or None
     when the item is final (cancelled, failed, completed) or gone: the stage must not run.
     ``entry_task_id``: the entry task runs the stages itself (a fused kind), and it applies only
     while the item is still queued (or processing) under that very id, as ``chain_started``
-    would: a delivery the watchdog replaced meanwhile starts nothing."""
+    would: a delivery the watchdog replaced meanwhile starts nothing; ``detected`` is then what
+    it learnt of the item (kind, type, streams), saved by this same write."""
     now = timezone.now()
     changes = {
         "attempts": Case(When(Q(status=PROCESSING, stage=stage), then=F("attempts") + 1), default=Value(1)),
@@ -271,6 +278,7 @@ def stage_started(
         "waiting_since": None,
         "started_at": Coalesce(F("started_at"), Value(now, output_field=DateTimeField())),
         "finished_at": None,
+        **(detected or {}),
     }
     with transaction.atomic():
         # The message needs the attempt number, known only after the update: written below.

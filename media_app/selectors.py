@@ -16,6 +16,11 @@ from pipelines.errors import file_error_codes
 
 _FILE_ERRORS = file_error_codes()
 
+# Kinds whose thumbnail is stored while they are still processing (a video's previews stage):
+# only their Processing events look for it; an image's or a sound's would query for nothing, once
+# per stage (tests/tasks/test_entry_inline.py checks this agrees with the stage table).
+EARLY_THUMBNAIL_KINDS = frozenset({"video"})
+
 
 def media_item_get(*, item_id: Any) -> MediaItem | None:
     return MediaItem.objects.filter(pk=item_id).first()
@@ -84,7 +89,8 @@ def media_item_payload(
         payload["outputs"] = [rendition_payload(r) for r in item.renditions.exclude(role="segment")]
     elif with_outputs and item.status == "Processing":
         # The thumbnail is stored as soon as it is taken, before the encode: show it meanwhile.
-        payload["outputs"] = [rendition_payload(r) for r in item.renditions.filter(role="thumbnail")]
+        early = item.kind in EARLY_THUMBNAIL_KINDS
+        payload["outputs"] = [rendition_payload(r) for r in item.renditions.filter(role="thumbnail")] if early else []
     if with_outputs:
         payload["placeholder"] = next((o["placeholder"] for o in payload.get("outputs", []) if o["placeholder"]), None)
     if deleted:

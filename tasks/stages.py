@@ -275,10 +275,18 @@ def runs_fused(item: MediaItem) -> bool:
     return every <= 0 or (item.duration is not None and 0 < item.duration <= every)
 
 
-def run_fused(task: Task, item_id: str, *, entry_task_id: str | None = None) -> None:
+def run_fused(
+    task: Task,
+    item_id: str,
+    *,
+    entry_task_id: str | None = None,
+    item: MediaItem | None = None,
+    detected: dict[str, Any] | None = None,
+) -> None:
     """Every stage of the item, from the first not done, in this delivery. ``entry_task_id``:
-    called by the entry task itself, whose id the item must still be queued under."""
-    item = MediaItem.objects.filter(pk=item_id).first()
+    called by the entry task itself, whose id the item must still be queued under; it passes the
+    ``item`` it read, and what it ``detected`` (saved as the first stage starts)."""
+    item = item or MediaItem.objects.filter(pk=item_id).first()
     if item is None:
         raise Ignore()
     stages = bindings.stages_for(item.kind)
@@ -297,6 +305,7 @@ def run_fused(task: Task, item_id: str, *, entry_task_id: str | None = None) -> 
         task_id=task_id,
         progress=int(bindings.progress_span(item.kind, todo[0])[0]),
         entry_task_id=entry_task_id,
+        detected=detected,
     )
     if attempt is None:
         raise Ignore()  # deleted, cancelled or finished
@@ -595,7 +604,7 @@ def process(self: Task, item_id: str) -> str | None:
         # This very task started the stages itself, then was retried or redelivered (its worker
         # died): on from the first stage not done, the stalled stage's delivery counted.
         if runs_inline(self, item):
-            run_fused(self, item_id, entry_task_id=self.request.id)
+            run_fused(self, item_id, entry_task_id=self.request.id, item=item)
             return self.request.id
         return None
     if not item.is_queued:
@@ -620,13 +629,9 @@ def process(self: Task, item_id: str) -> str | None:
         }
         item.kind, item.duration, item.media_info = found.kind, found.duration, media_info
     if runs_inline(self, item):
-        # The kind learnt is saved under the same guard as a hand-over; then the first stage
-        # starts only while the item is still queued under this task's id.
-        if detected and not lifecycle.chain_started(
-            item_id=item_id, entry_task_id=self.request.id, first_task_id=self.request.id, detected=detected
-        ):
-            return None
-        run_fused(self, item_id, entry_task_id=self.request.id)
+        # The first stage starts only while the item is still queued under this task's id, and
+        # the same write saves what was learnt of it.
+        run_fused(self, item_id, entry_task_id=self.request.id, item=item, detected=detected)
         return self.request.id
     links = process_links(item)
     first_id = links[0].freeze().id

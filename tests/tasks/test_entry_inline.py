@@ -266,3 +266,12 @@ def test_an_item_whose_stages_were_all_done_completes_on_retry(image, monkeypatc
 
     image.refresh_from_db()
     assert (image.status, image.progress) == ("Completed", 100), image.error_detail
+
+
+def test_only_kinds_with_a_previews_stage_look_for_an_early_thumbnail():
+    """A Processing event looks for the thumbnail only where a stage stores one before the end."""
+    from media_app.selectors import EARLY_THUMBNAIL_KINDS
+
+    assert {kind for kind, stages in bindings.PIPELINES.items() if "previews" in [st.name for st in stages]} == set(
+        EARLY_THUMBNAIL_KINDS
+    )
