@@ -22,22 +22,24 @@ from types import TracebackType
 BUCKETS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     # Encoder threads (images) have stacks of their own that start in pipelines/, not in bindings.
     ("media work (pipelines)", (("run", "tasks/bindings.py"), ("", "pipelines/"))),
-    # async_to_sync runs the channel layer's group_send in an event loop on a thread of its own
-    # (the worker has no other asyncio loop).
+    # Every write of an item's state goes through media_app/lifecycle.py; its broadcasts leave
+    # from the channel layer's sender thread (media_app/channel_layers.py, channels_redis), or
+    # through async_to_sync where the layer has no sender.
     (
         "status saves + broadcasts",
         (
-            ("media_status_report", ""),
-            ("media_progress_report", ""),
+            ("", "media_app/lifecycle.py"),
+            ("", "media_app/channel_layers.py"),
+            ("", "media_app/selectors.py"),
             ("", "channels_redis/"),
             ("", "asgiref/"),
             ("", "asyncio/runners.py"),
         ),
     ),
-    ("stage bookkeeping (workspace, skip checks)", (("", "tasks/workspace.py"),)),
+    ("stage bookkeeping (workspace, skip checks, logs)", (("", "tasks/workspace.py"), ("log_run", ""))),
     ("type detection (media.process)", (("detect_item", ""),)),
-    ("chain building (media.process)", (("build_chain", ""),)),
-    ("rest of task bodies (loads by id, ORM)", (("run_stage", ""), ("finish", "tasks/stages.py"))),
+    ("chain building (media.process)", (("build_chain", ""), ("process_links", ""), ("chain_links", ""))),
+    ("rest of task bodies (loads by id, ORM)", (("", "tasks/stages.py"),)),
     ("celery task events (worker_send_task_events)", (("", "celery/events/"),)),
     ("celery result backend (store_result)", (("", "celery/backends/"),)),
     ("celery sending the chain's next task", (("_dispatch_callbacks_and_chain", ""), ("send_task", ""))),
