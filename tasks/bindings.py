@@ -337,13 +337,13 @@ PIPELINES: dict[str, tuple[Stage, ...]] = {
     ),
     "audio": (
         Stage("demux", 2, _D, 10 * MINUTE, _demux),
-        # The encode measures the loudness in its own graph and writes it as the Opus header's
-        # gain; the decode check only decodes (about 0.1 s for a 60 s song, the encode 0.5 s).
-        Stage("decode", 15, _D, 20 * MINUTE, _decode),
+        # A sound is decoded once, by the encode: it refuses what the decode check refused, measures
+        # the loudness in its own graph and writes the WebM mux links. Decode reads the header only.
+        Stage("decode", 1, _D, 20 * MINUTE, _decode),
         Stage("normalize", 1, _D, 20 * MINUTE, _normalize),
         Stage("filter", 1, _D, 1 * MINUTE, _filter),
-        Stage("encode", 67, _D, 0, _encode),
-        Stage("mux", 4, _D, 10 * MINUTE, _mux),
+        Stage("encode", 84, _D, 0, _encode),
+        Stage("mux", 1, _D, 10 * MINUTE, _mux),
         Stage("store", 10, _D, 10 * MINUTE, _store),
     ),
     "image": (
