@@ -177,10 +177,8 @@ def run_stage(task: Task, item_id: str, stage: str) -> dict[str, Any]:
     return {"stage": stage, "skipped": False, "seconds": ran.seconds}
 
 
-def work_stage(task: Task, item: MediaItem, stage: str, attempt: int, *, then: list[Any] | None = None) -> StageRun:
-    """A started stage's work: skipped if storage has it, else run and written through.
-    ``then``: the links that follow this stage when it runs in a fused task (a fan-out of the
-    encode must bring them along; in a chain, Celery carries them)."""
+def work_stage(task: Task, item: MediaItem, stage: str, attempt: int) -> StageRun:
+    """A started stage's work: skipped if storage has it, else run and written through."""
     if attempt > settings.MEDIA_MAX_ATTEMPTS:
         # Redelivered after its worker died each time: a poison file, not bad luck.
         raise MediaError(
@@ -198,7 +196,7 @@ def work_stage(task: Task, item: MediaItem, stage: str, attempt: int, *, then: l
         chunks = _stored_plan(item_id) or bindings.chunk_plan(ctx)
         if chunks is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-            fan_out(task, item, chunks, then=then)  # raises: the chord takes this task's place in the chain
+            fan_out(task, item, chunks)  # raises: the chord takes this task's place in the chain
     try:
         result = bindings.run(ctx)
         stored = workspace.commit_stage(item_id, stage, tmp, result)
@@ -248,11 +246,11 @@ STAGE_TASKS: dict[str, Task] = {stage: _stage_task(stage) for stage in bindings.
 # redelivery on another host resumes from the first stage not done, as a chain would.
 # Audio too: its encode is a second or two per minute of sound, and its other stages are
 # milliseconds each, so the hops of a chain of seven tasks were a sixth of a song's time.
-# A video runs fused too when its encode is planned whole (``runs_fused``: chunking off, or not
-# longer than one chunk): its nine stages were ten deliveries, each a broker round trip, a
-# worker's wait and two saves. A longer video stays a chain: its encode fans out into a chord
-# of chunks (``fan_out``), which replaces a link of a chain; should a fused video's encode find
-# it needs chunks after all, the chord takes the rest of the chain along.
+# Video stays a chain, even when its encode is planned whole. Fused, a video held its worker
+# slot for all its stages: a second video waited at 0 % with no thumbnail and no time left
+# until the first was done, where as a chain its demux and previews run between the first
+# one's stages (tests/e2e/test_waiting_status.py), and a chain's stages move between hosts.
+# Fusing saved about 0.2 s of a 20 s encode (pipeline/plain 1.11 -> 1.08).
 
 FUSED_KINDS = frozenset({"image", "audio"})
 
@@ -264,15 +262,8 @@ def fused_limit(kind: str) -> int:
 
 
 def runs_fused(item: MediaItem) -> bool:
-    """Whether the item's stages run in one task: a kind in FUSED_KINDS, or a video whose encode
-    is planned whole (chunking off, or the probed duration not longer than one chunk), which
-    then has nothing to fan out. A longer video is a chain, its encode a chord of chunks."""
-    if item.kind in FUSED_KINDS:
-        return True
-    if item.kind != "video":
-        return False
-    every = bindings.profiles().video.chunk_seconds
-    return every <= 0 or (item.duration is not None and 0 < item.duration <= every)
+    """Whether the item's stages run in one task (its kind is in FUSED_KINDS)."""
+    return item.kind in FUSED_KINDS
 
 
 def run_fused(
@@ -312,11 +303,8 @@ def run_fused(
     # ``item`` was read after the entry task committed its kind and media info, which no stage
     # changes: no reload per stage.
     for n, stage in enumerate(todo):
-        # A video whose normalized duration turns out to need chunks after all: the encode fans
-        # out, and the chain's links after it (mux, chunk, store, finish) follow the chord.
-        then = chain_links(item)[start + n + 1 :] if stage == ENCODE and item.kind == "video" else None
         try:
-            ran = work_stage(task, item, stage, attempt, then=then)
+            ran = work_stage(task, item, stage, attempt)
         except RETRYABLE_ERRORS as exc:
             retry_stage(task, item_id, stage, attempt, exc)
         end = int(bindings.progress_span(item.kind, stage)[1])
@@ -364,8 +352,8 @@ def retry_stage(task: Task, item_id: str, stage: str, attempt: int, exc: BaseExc
 
 @shared_task(bind=True, base=StageTask, name="media.stage.fused")
 def fused(self: Task, item_id: str) -> None:
-    """Every stage of an item that ``runs_fused`` (an image, a sound, a video encoded whole),
-    then its finish, in one delivery."""
+    """Every stage of an item that ``runs_fused`` (an image, a sound), then its finish, in one
+    delivery."""
     run_fused(self, item_id)
 
 
@@ -390,7 +378,7 @@ def _stored_plan(item_id: Any) -> Any:
     return workspace.load_result(item_id, bindings.PLAN_STAGE, bindings.chunked.ChunkPlan)
 
 
-def fan_out(task: Task, item: MediaItem, chunks: Any, *, then: list[Any] | None = None) -> None:
+def fan_out(task: Task, item: MediaItem, chunks: Any) -> None:
     item_id = str(item.pk)
     if not workspace.stage_done(item_id, bindings.PLAN_STAGE):
         tmp = workspace.new_tmp_dir(item_id, bindings.PLAN_STAGE)
@@ -405,8 +393,7 @@ def fan_out(task: Task, item: MediaItem, chunks: Any, *, then: list[Any] | None 
     header = [encode_part.si(item_id, rng.index).set(**opts) for rng in chunks.ranges]
     header.append(encode_audio.si(item_id).set(**opts))
     logger.info(json.dumps({"item": item_id, "stage": ENCODE, "chunks": len(chunks.ranges), "outcome": "fan-out"}))
-    fanned = chord(header, encode_join.si(item_id).set(**opts))
-    task.replace(chain(fanned, *then) if then else fanned)
+    task.replace(chord(header, encode_join.si(item_id).set(**opts)))
     raise Ignore()  # replace() raises this itself; never fall through to a whole-file encode
 
 
@@ -560,8 +547,8 @@ def build_chain(item: MediaItem) -> Any:
 # same retry policy (``StageTask``), the item's task id is this task's, so a cancel kills it, and
 # a redelivery or retry of this same task resumes at the first stage not done. It inlines only
 # when the stages' summed time limit fits in its own beside the detection's budget: images, whose
-# steps are seconds at most; an audio file's encode may take up to the ceiling, so audio (and an
-# unchunked video) is handed over to one fused task on its queue.
+# steps are seconds at most; an audio file's encode may take up to the ceiling, so audio (and
+# a video, a chain) is handed over.
 
 ENTRY_SECONDS = 300  # the entry task's own work: one sandboxed probe of the upload
 

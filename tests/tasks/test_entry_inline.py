@@ -1,7 +1,7 @@
 """One Celery task per image: the entry task (``media.process``) runs an image's stages itself when
 its delivery came from the stages' queue, with every guarantee of the fused task (history,
 retry from the failed stage, a redelivery resuming at the first stage not done, a replaced entry
-starting nothing); a video encoded whole is one fused task, a chunked one still fans out."""
+starting nothing). A video stays a chain (tests/e2e/test_waiting_status.py says why)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,13 @@ import pytest
 from media_app import jobs, lifecycle
 from media_app.models import MediaItem, StatusEvent
 from media_app.services import media_processing_start
-from pipelines.results import to_json
 from tasks import bindings
-from tests.conftest import RUN_DIR, Worker, wait_for
-from tests.media import drawn_image, lavfi_video
+from tests.conftest import Worker, wait_for
+from tests.media import drawn_image
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 IMAGE_STAGES = ["decode", "normalize", "encode", "store"]
-VIDEO_STAGES = ["demux", "previews", "decode", "normalize", "filter", "encode", "mux", "chunk", "store"]
 
 
 def history(item: MediaItem) -> list[tuple[str, str, int]]:
@@ -92,71 +90,6 @@ def test_an_entry_task_from_another_queue_hands_the_image_over_to_its_own(celery
     assert history(item) == [(s, f"{s} started", 1) for s in IMAGE_STAGES]
     ran = wait_for(lambda: stage_tasks(celery_worker, item, 4), timeout=10, what="the stage log lines")
     assert ran == [(s, "media.stage.fused") for s in IMAGE_STAGES]
-
-
-@pytest.mark.worker
-def test_a_short_video_is_one_stage_task_with_the_chains_outputs(celery_worker, make_item, tmp_path):
-    item = make_item(lavfi_video(tmp_path / "clip.mp4", seconds=3))
-    assert media_processing_start(item=item)
-    wait_for(lambda: _final(item), timeout=120, what="the video to finish")
-
-    assert item.status == "Completed", item.error_message
-    assert history(item) == [(s, f"{s} started", 1) for s in VIDEO_STAGES]
-    assert sorted(item.timings) == sorted(VIDEO_STAGES)
-    roles = {r.role for r in item.renditions.all()}
-    assert roles == {"video", "thumbnail", "manifest", "segment", "storyboard", "storyboard_vtt"}, roles
-    ran = wait_for(lambda: stage_tasks(celery_worker, item, 9), timeout=10, what="the stage log lines")
-    assert ran == [(s, "media.stage.fused") for s in VIDEO_STAGES]
-
-
-@pytest.fixture
-def chunking_worker(_worker_session: Worker, transactional_db: None) -> Any:
-    """A worker whose videos are chunked every 2 s (the suite's own worker stopped meanwhile)."""
-    _worker_session.stop()
-    env = {"MEDIA_PROFILES": json.dumps({"video": {"chunk_seconds": 2, "segment_seconds": 1, "threads": 1}})}
-    worker = Worker(RUN_DIR / "logs" / "chunking-worker.log", env=env)
-    worker.start()
-    yield worker
-    worker.stop()
-
-
-@pytest.mark.worker
-def test_a_video_longer_than_a_chunk_still_fans_out(chunking_worker, make_item, tmp_path):
-    since = log_size(chunking_worker)
-    item = make_item(lavfi_video(tmp_path / "clip.mp4", seconds=6))
-    assert media_processing_start(item=item)
-    wait_for(lambda: _final(item), timeout=180, what="the video to finish")
-
-    assert item.status == "Completed", item.error_message
-    names = received(chunking_worker, since)
-    assert "media.stage.fused" not in names
-    assert names.count("media.stage.encode_part") >= 2 and "media.stage.encode_join" in names
-    assert [row[0] for row in history(item)] == VIDEO_STAGES
-
-
-@pytest.mark.worker
-def test_a_fused_video_whose_encode_needs_chunks_after_all_fans_out_and_finishes(chunking_worker, make_item, tmp_path):
-    """The probed duration said one chunk (here: a header that lies), the normalized one says
-    three: the fused task's encode fans out, and the chord brings the rest of the chain along."""
-    since = log_size(chunking_worker)
-    item = make_item(lavfi_video(tmp_path / "clip.mp4", seconds=6))
-    found = bindings.detect_item(item, bindings.profiles())
-    info = {**found.summary, "sniffed": to_json(found.sniffed), "probe": to_json(found.info)}
-    MediaItem.objects.filter(pk=item.pk).update(kind="video", duration=1.0, media_info=info)
-    lifecycle.upload_finished(item_id=item.pk)
-    lifecycle.queued(item_id=item.pk)
-    wait_for(lambda: _final(item), timeout=180, what="the video to finish")
-
-    assert item.status == "Completed", item.error_message
-    names = received(chunking_worker, since)
-    assert "media.stage.fused" in names and "media.stage.encode_join" in names
-    assert [n for n in names if n in ("media.stage.mux", "media.stage.chunk", "media.stage.store")] == [
-        "media.stage.mux",
-        "media.stage.chunk",
-        "media.stage.store",
-    ]
-    assert [row[0] for row in history(item)] == VIDEO_STAGES
-    assert {"video", "manifest", "segment", "thumbnail"} <= {r.role for r in item.renditions.all()}
 
 
 # --- in process: the entry task's guarantees ---------------------------------------------------------
