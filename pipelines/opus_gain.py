@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,45 +71,44 @@ def read_duration(path: Path) -> float | None:
     container's), or None when the Info has none (a file written live)."""
     with open(path, "rb") as fh:
         data = fh.read(_HEAD_LIMIT)
+    for top in _segment_heads(data):
+        if top.ident != _INFO or top.size is None or top.start + top.size > len(data):
+            continue
+        scale, ticks = _DEFAULT_TIMECODE_SCALE, None
+        for el in _children(data, top.start, top.start + top.size):
+            raw = data[el.start : el.start + (el.size or 0)]
+            if el.ident == _TIMECODE_SCALE and 0 < len(raw) <= 8:
+                scale = int.from_bytes(raw, "big")
+            elif el.ident == _DURATION and len(raw) in (4, 8):
+                ticks = struct.unpack(">f" if len(raw) == 4 else ">d", raw)[0]
+        if ticks is None or not math.isfinite(ticks) or ticks < 0 or scale <= 0:
+            return None
+        return float(ticks * scale / 1e9)
+    return None
+
+
+def _segment_heads(data: bytes) -> Iterator[_Element]:
+    """The first Segment's top-level elements before its first Cluster (Info, Tracks, Cues...)."""
     for segment in _children(data, 0, len(data)):
         if segment.ident != _SEGMENT:
             continue
         end = len(data) if segment.size is None else min(len(data), segment.start + segment.size)
         for top in _children(data, segment.start, end):
             if top.ident == _CLUSTER:
-                break
-            if top.ident != _INFO or top.size is None or top.start + top.size > len(data):
-                continue
-            scale, ticks = _DEFAULT_TIMECODE_SCALE, None
-            for el in _children(data, top.start, top.start + top.size):
-                raw = data[el.start : el.start + (el.size or 0)]
-                if el.ident == _TIMECODE_SCALE and 0 < len(raw) <= 8:
-                    scale = int.from_bytes(raw, "big")
-                elif el.ident == _DURATION and len(raw) in (4, 8):
-                    ticks = struct.unpack(">f" if len(raw) == 4 else ">d", raw)[0]
-            if ticks is None or not math.isfinite(ticks) or ticks < 0 or scale <= 0:
-                return None
-            return float(ticks * scale / 1e9)
-        break
-    return None
+                return
+            yield top
+        return
 
 
 def _gain_offset(data: bytes, path: Path) -> int:
     """Where in the file the Opus track's gain bytes are."""
     found: list[int] = []
-    for segment in _children(data, 0, len(data)):
-        if segment.ident != _SEGMENT:
+    for top in _segment_heads(data):
+        if top.ident != _TRACKS or top.size is None:
             continue
-        end = len(data) if segment.size is None else min(len(data), segment.start + segment.size)
-        for top in _children(data, segment.start, end):
-            if top.ident == _CLUSTER:
-                break
-            if top.ident != _TRACKS or top.size is None:
-                continue
-            for entry in _children(data, top.start, top.start + top.size):
-                if entry.ident == _TRACK_ENTRY and entry.size is not None:
-                    found += _opus_head(data, entry)
-        break
+        for entry in _children(data, top.start, top.start + top.size):
+            if entry.ident == _TRACK_ENTRY and entry.size is not None:
+                found += _opus_head(data, entry)
     if len(found) != 1:
         raise MediaError("The converted audio has no Opus header.", detail=f"{path.name}: {len(found)} Opus tracks")
     return found[0] + _GAIN_OFFSET

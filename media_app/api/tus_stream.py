@@ -117,12 +117,9 @@ class BodyStream:
         parts: list[bytes] = []
         got = 0
         while size < 0 or got < size:
-            if self._left:
-                body, self._left = self._left, b""
-            elif self._finished.is_set():
+            body = await self._take()
+            if body is None:
                 break
-            else:
-                body = await self._next()
             if 0 <= size < got + len(body):  # keep what this read did not ask for
                 body, self._left = body[: size - got], body[size - got :]
             if body:
@@ -136,12 +133,9 @@ class BodyStream:
         deadline = self._loop.time() + seconds
         total = 0
         while total < limit and self._loop.time() < deadline:
-            if self._left:
-                body, self._left = self._left, b""
-            elif self._finished.is_set():
+            body = await self._take()
+            if body is None:
                 break
-            else:
-                body = await self._next()
             view = memoryview(body)
             if len(view) > limit - total:  # keep what is past the limit
                 self._left, view = bytes(view[limit - total :]), view[: limit - total]
@@ -154,6 +148,15 @@ class BodyStream:
         if self._aborted:
             raise UnreadablePostError("The client disconnected before the request body ended.")
         return total
+
+    async def _take(self) -> bytes | None:
+        """What a read left over, else the next message's body; None once the body has ended."""
+        if self._left:
+            body, self._left = self._left, b""
+            return body
+        if self._finished.is_set():
+            return None
+        return await self._next()
 
     async def _next(self) -> bytes:
         message = await self._receive()
