@@ -14,36 +14,14 @@ from typing import Any
 
 import pytest
 
-from media_app.models import MediaItem
-from media_app.services import media_processing_start
-from tests.conftest import Worker, wait_for
-from tests.media import lavfi_video
+from tests.conftest import Worker
+from tests.e2e.player import finished_video, open_player, refusing
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 pytestmark = pytest.mark.worker
 
 FALLBACK_ON = json.dumps({"video": {"h264_fallback": True}})
-
-
-def refusing(*codecs: str) -> str:
-    """An init script: Media Source and Media Capabilities (which dash.js 5 asks first) refuse
-    any type naming one of ``codecs``, as a browser without those decoders does."""
-    pattern = "|".join(re.escape(c) for c in codecs)
-    return f"""(() => {{
-  const refused = /{pattern}/i;
-  const original = MediaSource.isTypeSupported.bind(MediaSource);
-  MediaSource.isTypeSupported = (type) => !refused.test(type) && original(type);
-  const caps = navigator.mediaCapabilities;
-  if (caps && caps.decodingInfo) {{
-    const decodingInfo = caps.decodingInfo.bind(caps);
-    caps.decodingInfo = (config) => {{
-      const types = [config.video, config.audio].filter(Boolean).map((c) => c.contentType || "");
-      const no = {{ supported: false, smooth: false, powerEfficient: false }};
-      return types.some((t) => refused.test(t)) ? Promise.resolve(no) : decodingInfo(config);
-    }};
-  }}
-}})();"""
 
 
 @pytest.fixture
@@ -65,25 +43,7 @@ def fallback_worker(celery_worker: Worker) -> Iterator[Worker]:
 def fallback_video(e2e_user: Any, make_item: Any, fallback_worker: Worker, tmp_path: Path) -> str:
     """A finished 4 s 640x360 video processed with the fallback on: AV1 at 360 lines, VP9 at 360
     and 234, H.264 at 360; Opus and AAC."""
-    item = make_item(lavfi_video(tmp_path / "fallback.mp4", seconds=4, size="640x360"), owner=e2e_user)
-    media_processing_start(item=item)
-    final = wait_for(
-        lambda: MediaItem.objects.filter(pk=item.pk, status__in=("Completed", "Failed")).first(),
-        timeout=180,
-        what="the video to finish",
-    )
-    assert final.status == "Completed", final.error_message
-    return str(item.original_name)
-
-
-def _open(page: Any, name: str) -> Any:
-    card = page.locator(f'#library .card:has([data-name]:text-is("{name}"))')
-    expect(card).to_have_count(1, timeout=30_000)
-    card.locator("summary").click()
-    video = card.locator("video")
-    expect(video).to_have_attribute("data-source", "dash")
-    video.evaluate("v => { v.muted = true; return v.play(); }")
-    return card
+    return finished_video(make_item, e2e_user, tmp_path / "fallback.mp4", seconds=4, size="640x360")
 
 
 def _playing(page: Any, video: Any) -> None:
@@ -111,7 +71,7 @@ def test_without_av1_and_vp9_the_h264_fallback_plays(fallback_video: str, logged
     page = logged_in_page
     page.add_init_script(refusing("av01", "vp09"))
     page.reload()
-    card = _open(page, fallback_video)
+    card = open_player(page, fallback_video)
     video = card.locator("video")
     expect(video).to_have_attribute("data-codec", "avc1", timeout=30_000)
     expect(video).to_have_attribute("data-representation", "640x360")
@@ -128,7 +88,7 @@ def test_without_av1_and_vp9_the_h264_fallback_plays(fallback_video: str, logged
     # the AAC set plays.
     page.add_init_script(refusing("av01", "vp09", "opus"))
     page.reload()
-    card = _open(page, fallback_video)
+    card = open_player(page, fallback_video)
     video = card.locator("video")
     expect(video).to_have_attribute("data-codec", "avc1", timeout=30_000)
     _playing(page, video)
@@ -143,7 +103,7 @@ def test_with_the_fallback_on_av1_plays_where_it_can_and_vp9_where_it_cannot(
     fallback_video: str, logged_in_page: Any, shots: Any
 ) -> None:
     page = logged_in_page
-    card = _open(page, fallback_video)
+    card = open_player(page, fallback_video)
     video = card.locator("video")
     expect(video).to_have_attribute("data-codec", "av01", timeout=30_000)
     _playing(page, video)
@@ -157,7 +117,7 @@ def test_with_the_fallback_on_av1_plays_where_it_can_and_vp9_where_it_cannot(
     # Without AV1, VP9 comes before H.264 (the royalty-free fallback first).
     page.add_init_script(refusing("av01"))
     page.reload()
-    card = _open(page, fallback_video)
+    card = open_player(page, fallback_video)
     video = card.locator("video")
     expect(video).to_have_attribute("data-codec", "vp09", timeout=30_000)
     _playing(page, video)

@@ -11,59 +11,25 @@ from typing import Any
 
 import pytest
 
-from media_app.models import MediaItem
-from media_app.services import media_processing_start
-from tests.conftest import wait_for
-from tests.media import lavfi_video
+from tests.e2e.player import finished_video, open_player, refusing
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 pytestmark = pytest.mark.worker
 
-# A browser without an AV1 decoder: Media Source refuses av01, and so does Media Capabilities
-# (which dash.js 5 asks first when the browser has it).
-NO_AV1 = """(() => {
-  const original = MediaSource.isTypeSupported.bind(MediaSource);
-  MediaSource.isTypeSupported = (type) => !/av01/i.test(type) && original(type);
-  const caps = navigator.mediaCapabilities;
-  if (caps && caps.decodingInfo) {
-    const decodingInfo = caps.decodingInfo.bind(caps);
-    caps.decodingInfo = (config) => {
-      const type = (config.video && config.video.contentType) || "";
-      if (/av01/i.test(type)) return Promise.resolve({ supported: false, smooth: false, powerEfficient: false });
-      return decodingInfo(config);
-    };
-  }
-})();"""
+# A browser without an AV1 decoder.
+NO_AV1 = refusing("av01")
 
 
 @pytest.fixture
 def ladder_video(e2e_user: Any, make_item: Any, celery_worker: Any, tmp_path: Path) -> str:
     """A finished 6 s 640x360 video of the e2e user: AV1 at 360 lines, VP9 at 360 and 234."""
-    item = make_item(lavfi_video(tmp_path / "ladder.mp4", seconds=6, size="640x360"), owner=e2e_user)
-    media_processing_start(item=item)
-    final = wait_for(
-        lambda: MediaItem.objects.filter(pk=item.pk, status__in=("Completed", "Failed")).first(),
-        timeout=180,
-        what="the video to finish",
-    )
-    assert final.status == "Completed", final.error_message
-    return str(item.original_name)
-
-
-def _open(page: Any, name: str) -> Any:
-    card = page.locator(f'#library .card:has([data-name]:text-is("{name}"))')
-    expect(card).to_have_count(1, timeout=30_000)
-    card.locator("summary").click()
-    video = card.locator("video")
-    expect(video).to_have_attribute("data-source", "dash")
-    video.evaluate("v => { v.muted = true; return v.play(); }")
-    return card
+    return finished_video(make_item, e2e_user, tmp_path / "ladder.mp4", seconds=6, size="640x360")
 
 
 def test_quality_menu_storyboard_and_placeholder(ladder_video: str, logged_in_page: Any, shots: Any) -> None:
     page = logged_in_page
-    card = _open(page, ladder_video)
+    card = open_player(page, ladder_video)
     video = card.locator("video")
     expect(video).to_have_attribute("data-codec", "av01", timeout=30_000)
     menu = card.locator("[data-quality]")
@@ -88,7 +54,7 @@ def test_without_av1_the_vp9_fallback_plays(ladder_video: str, logged_in_page: A
     page = logged_in_page
     page.add_init_script(NO_AV1)
     page.reload()
-    card = _open(page, ladder_video)
+    card = open_player(page, ladder_video)
     video = card.locator("video")
     expect(video).to_have_attribute("data-codec", "vp09", timeout=30_000)
     page.wait_for_function("v => v.currentTime > 0.5 && !v.paused", arg=video.element_handle(), timeout=30_000)
@@ -99,15 +65,7 @@ def test_without_av1_the_vp9_fallback_plays(ladder_video: str, logged_in_page: A
 @pytest.fixture
 def ladder_video_720(e2e_user: Any, make_item: Any, celery_worker: Any, tmp_path: Path) -> str:
     """A finished 12 s 1280x720 video: AV1 at 720, 486 and 360 lines (three 4 s segments)."""
-    item = make_item(lavfi_video(tmp_path / "ladder720.mp4", seconds=12, size="1280x720"), owner=e2e_user)
-    media_processing_start(item=item)
-    final = wait_for(
-        lambda: MediaItem.objects.filter(pk=item.pk, status__in=("Completed", "Failed")).first(),
-        timeout=300,
-        what="the video to finish",
-    )
-    assert final.status == "Completed", final.error_message
-    return str(item.original_name)
+    return finished_video(make_item, e2e_user, tmp_path / "ladder720.mp4", seconds=12, size="1280x720", timeout=300)
 
 
 def test_a_throttled_network_switches_down_and_playback_goes_on(
@@ -121,7 +79,7 @@ def test_a_throttled_network_switches_down_and_playback_goes_on(
         "Network.emulateNetworkConditions",
         {"offline": False, "latency": 50, "downloadThroughput": 75_000, "uploadThroughput": 75_000},
     )
-    card = _open(page, ladder_video_720)
+    card = open_player(page, ladder_video_720)
     video = card.locator("video")
     menu = card.locator("[data-quality]")
     expect(menu.locator("option")).to_have_count(4, timeout=60_000)  # Auto, 720p, 486p, 360p

@@ -14,6 +14,7 @@ import pytest
 
 from pipelines import av, chunked
 from pipelines.profiles import Profiles
+from tests.pipelines.chunks import encode_chunks
 
 # --- split (pure) ---------------------------------------------------------------------------------
 
@@ -124,14 +125,9 @@ def test_chunks_joined_are_the_whole_file_encode(
     )
     assert len(ranges) == 3
     chunks = chunked.ChunkPlan(plan.video.frame_rate, 2.0, 4, ranges)
-    parts = []
-    for rng in reversed(ranges):  # in any order, as hosts take them
-        out = tmp_path / f"part{rng.index}"
-        part = chunked.encode_part(dm, tmp_path / "demux", filters, plan, chunks, rng.index, out,
-                                   profiles=profiles, limits=limits)  # fmt: skip
-        parts.append((out / part.file, part))
-    audio = chunked.encode_audio(dm, tmp_path / "demux", filters, plan, tmp_path / "audio", profiles=profiles,
-                                 limits=limits)  # fmt: skip
+    # In any order, as hosts take them.
+    parts, audio = encode_chunks(dm, plan, filters, chunks, tmp_path, profiles=profiles, limits=limits,
+                                 ranges=reversed(ranges))  # fmt: skip
     assert audio.file
     joined = chunked.join(parts, tmp_path / "audio" / audio.file, plan, chunks, tmp_path / "joined", limits=limits)
 

@@ -17,6 +17,7 @@ import pytest
 from pipelines import av as stages
 from pipelines.ladder import plan_ladder
 from pipelines.profiles import Profiles, VideoProfile
+from tests.pipelines.chunks import encode_chunks
 
 MPD = "{urn:mpeg:dash:schema:mpd:2011}"
 
@@ -160,14 +161,7 @@ def test_split_and_stitch_carries_the_fallback_through_the_join(media: Any, tmp_
                            chunk_seconds=2)  # fmt: skip
     assert len(ranges) == 2
     chunks = chunked.ChunkPlan(plan.video.frame_rate, 1.0, 2, ranges)
-    parts = []
-    for rng in ranges:
-        out = tmp_path / f"part{rng.index}"
-        part = chunked.encode_part(dm, tmp_path / "demux", filters, plan, chunks, rng.index, out,
-                                   profiles=ON, limits=limits)  # fmt: skip
-        parts.append((out / part.file, part))
-    audio = chunked.encode_audio(dm, tmp_path / "demux", filters, plan, tmp_path / "audio", profiles=ON,
-                                 limits=limits)  # fmt: skip
+    parts, audio = encode_chunks(dm, plan, filters, chunks, tmp_path, profiles=ON, limits=limits)
     assert audio.file and audio.aac
     joined = chunked.join(parts, tmp_path / "audio" / audio.file, plan, chunks, tmp_path / "joined", limits=limits,
                           rungs=stages.video_rungs(plan.video, ON), aac=tmp_path / "audio" / audio.aac)  # fmt: skip

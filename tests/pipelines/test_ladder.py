@@ -15,6 +15,7 @@ import pytest
 from pipelines import av as stages
 from pipelines.ladder import plan_ladder
 from pipelines.profiles import Profiles, VideoProfile
+from tests.pipelines.chunks import encode_chunks
 
 MPD = "{urn:mpeg:dash:schema:mpd:2011}"
 
@@ -183,15 +184,9 @@ def test_split_and_stitch_encodes_every_rung_per_chunk_and_joins_each(media: Any
                            chunk_seconds=3)  # fmt: skip
     assert len(ranges) == 2
     chunks = chunked.ChunkPlan(plan.video.frame_rate, 1.0, 3, ranges)
-    parts = []
-    for rng in ranges:
-        out = tmp_path / f"part{rng.index}"
-        part = chunked.encode_part(dm, tmp_path / "demux", filters, plan, chunks, rng.index, out,
-                                   profiles=profiles, limits=limits)  # fmt: skip
-        assert len(part.rung_files) == 2 and all((out / f).stat().st_size for f in part.rung_files)
-        parts.append((out / part.file, part))
-    audio = chunked.encode_audio(dm, tmp_path / "demux", filters, plan, tmp_path / "audio", profiles=profiles,
-                                 limits=limits)  # fmt: skip
+    parts, audio = encode_chunks(dm, plan, filters, chunks, tmp_path, profiles=profiles, limits=limits)
+    for path, part in parts:
+        assert len(part.rung_files) == 2 and all((path.parent / f).stat().st_size for f in part.rung_files)
     assert audio.file
     joined = chunked.join(parts, tmp_path / "audio" / audio.file, plan, chunks, tmp_path / "joined", limits=limits,
                           rungs=stages.video_rungs(plan.video, profiles))  # fmt: skip

@@ -12,20 +12,16 @@ from typing import Any
 import pytest
 
 from media_app import jobs, lifecycle
-from media_app.models import MediaItem, StatusEvent
+from media_app.models import MediaItem
 from media_app.services import media_processing_start
 from tasks import bindings
 from tests.conftest import Worker, wait_for
 from tests.media import drawn_image
+from tests.tasks.conftest import history
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 IMAGE_STAGES = ["decode", "normalize", "encode", "store"]
-
-
-def history(item: MediaItem) -> list[tuple[str, str, int]]:
-    rows = StatusEvent.objects.filter(item=item, status="Processing").order_by("pk")
-    return list(rows.values_list("stage", "message", "attempt"))
 
 
 def _final(item: MediaItem) -> MediaItem | None:
@@ -93,18 +89,6 @@ def test_an_entry_task_from_another_queue_hands_the_image_over_to_its_own(celery
 
 
 # --- in process: the entry task's guarantees ---------------------------------------------------------
-
-
-@pytest.fixture
-def image(make_item, tmp_path, tmp_storage, settings, monkeypatch) -> MediaItem:
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    monkeypatch.setattr(jobs, "revoke", lambda task_ids: None)
-    item = make_item(drawn_image(tmp_path / "photo.jpg", size=(320, 240)))
-    MediaItem.objects.filter(pk=item.pk).update(kind="image")
-    lifecycle.upload_finished(item_id=item.pk)
-    lifecycle.queued(item_id=item.pk, send=False)  # the test runs the task itself
-    item.refresh_from_db()
-    return item
 
 
 def test_the_entry_task_runs_an_images_stages_itself(image):

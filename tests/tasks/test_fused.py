@@ -11,31 +11,15 @@ from typing import Any
 import pytest
 
 from media_app import jobs, lifecycle
-from media_app.models import MediaItem, StatusEvent
+from media_app.models import MediaItem
 from pipelines.runner import ffmpeg_exe
 from tasks import bindings
-from tests.media import drawn_image, lavfi_audio
+from tests.media import lavfi_audio
+from tests.tasks.conftest import history
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 STAGES = ["decode", "normalize", "encode", "store"]
-
-
-@pytest.fixture
-def image(make_item, tmp_path, tmp_storage, settings, monkeypatch) -> MediaItem:
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    monkeypatch.setattr(jobs, "revoke", lambda task_ids: None)
-    item = make_item(drawn_image(tmp_path / "photo.jpg", size=(320, 240)))
-    MediaItem.objects.filter(pk=item.pk).update(kind="image")
-    lifecycle.upload_finished(item_id=item.pk)
-    lifecycle.queued(item_id=item.pk, send=False)  # the test runs the task itself
-    item.refresh_from_db()
-    return item
-
-
-def history(item: MediaItem) -> list[tuple[str, str, int]]:
-    rows = StatusEvent.objects.filter(item=item, status="Processing").order_by("pk")
-    return list(rows.values_list("stage", "message", "attempt"))
 
 
 def test_one_task_reports_every_stage_as_the_chain_did(image):
