@@ -35,8 +35,21 @@ def open_player(page: Any, name: str) -> Any:
     card.locator("summary").click()
     video = card.locator("video")
     expect(video).to_have_attribute("data-source", "dash")
-    video.evaluate("v => { v.muted = true; return v.play(); }")
+    # dash.js may attach its source just after the card says "dash", which interrupts a play()
+    # begun before it (AbortError): play again once that load has begun, for up to 10 s.
+    video.evaluate(PLAY)
     return card
+
+
+PLAY = """async (v) => {
+  v.muted = true;
+  for (let tries = 0; ; tries++) {
+    try { await v.play(); return; } catch (e) {
+      if (e.name !== "AbortError" || tries >= 40) throw e;
+      await new Promise((done) => setTimeout(done, 250));
+    }
+  }
+}"""
 
 
 def refusing(*codecs: str) -> str:
