@@ -307,6 +307,9 @@ def test_ebur128_summary_is_parsed() -> None:
         """
     )
     assert stages.parse_ebur128(stderr) == stages.Loudness(-18.8, -17.8, 2.5, -28.8)
+    # The encode's graph measures the sample peak only: it stands for the true peak with an allowance.
+    sampled = stderr.replace("True peak:", "Sample peak:")
+    assert stages.parse_ebur128(sampled) == stages.Loudness(-18.8, -17.8 + stages.SAMPLE_PEAK_ALLOWANCE_DB, 2.5, -28.8)
 
 
 def test_filters_apply_the_plan(video_run: Any, profiles: Profiles) -> None:
@@ -318,7 +321,7 @@ def test_filters_apply_the_plan(video_run: Any, profiles: Profiles) -> None:
     )
     # No gain in the graph: it ends in the measurement the encode turns into the Opus header's.
     assert spec.audio.startswith("aresample=48000") and "channel_layouts=mono" in spec.audio
-    assert spec.audio.endswith("," + stages.LOUDNESS_FILTER) and "volume" not in spec.audio
+    assert spec.audio.endswith("," + stages.ENCODE_LOUDNESS_FILTER) and "volume" not in spec.audio
     assert spec.loudness_in_encode
     # A plan that knows the loudness already (stored by an earlier version) applies its gain.
     plan = video_run["normalize"]
@@ -415,6 +418,40 @@ def test_loudness_is_measured_in_the_encode_and_written_as_the_opus_gain(
     shutil.copyfile(webm, unity)
     opus_gain.write_gain(unity, 0.0)
     assert measure_lufs(unity) == pytest.approx(encoded.loudness.integrated, abs=0.5)
+
+
+def _true_peak(path: Path) -> float:
+    """dBTP of a file's audio as played (decoders apply the Opus header gain), measured apart."""
+    out = subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-nostats", "-i", str(path), "-vn", "-af", "ebur128=peak=true:framelog=quiet",
+         "-f", "null", "-"],
+        capture_output=True, text=True, check=True,
+    ).stderr  # fmt: skip
+    return float(out.rpartition("True peak:")[2].split("Peak:")[1].split()[0])
+
+
+def test_a_quiet_sound_with_loud_peaks_is_raised_only_to_the_true_peak_ceiling(
+    media: Any, pipeline: Any, profiles: Profiles, measure_lufs: Any
+) -> None:
+    """The encode measures the sample peak, not the 4x oversampled true peak: played back, a
+    quiet piece with loud clicks must still stay under the ceiling, and lose at most the
+    allowance against a gain from the true peak."""
+    peaky = media.make(
+        "peaky.flac",
+        ["-f", "lavfi", "-i", "aevalsrc='0.03*sin(2*PI*440*t)+if(lt(mod(t\\,1)\\,0.005)\\,0.5*sin(2*PI*3100*t)\\,0)'"
+         ":s=44100:d=4", "-ac", "2", "-c:a", "flac"],
+    )  # fmt: skip
+    ap = profiles.audio
+    exact = _true_peak(peaky)
+    run = pipeline(peaky)
+    webm = run.dir("mux") / "media.webm"
+    gain = run["encode"].gain_db
+    # The ceiling binds (the target loudness alone would ask for far more) ...
+    assert ap.loudness_i - measure_lufs(peaky) > gain + 3
+    # ... played, the peaks stay under it (give or take what the Opus encode moves them) ...
+    assert _true_peak(webm) <= ap.loudness_tp + 0.3
+    # ... and the gain is within the allowance of the one the true peak gives.
+    assert ap.loudness_tp - exact - stages.SAMPLE_PEAK_ALLOWANCE_DB - 0.1 <= gain <= ap.loudness_tp - exact + 0.1
 
 
 def test_the_gain_reaches_the_dash_audio_segments(video_run: Any, profiles: Profiles, measure_lufs: Any) -> None:
