@@ -34,10 +34,11 @@ A deleted item's last event says so (``deleted``), so no watcher offers to retry
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,9 +46,10 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Case, DateTimeField, F, Q, Value, When
+from django.db import NotSupportedError, connections, transaction
+from django.db.models import Case, DateTimeField, F, Func, JSONField, Q, Value, When
 from django.db.models.functions import Coalesce, Greatest
+from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
 from media_app import jobs
@@ -149,13 +151,15 @@ def _apply(
     """One conditional UPDATE; on success a history row and, after commit, ``after_commit`` and
     the broadcast (``announce=False``: none, for a change no watcher sees). Returns the item as
     updated, or None when the item is not in a state ``where`` allows (or is gone)."""
-    with transaction.atomic():
-        applied = MediaItem.objects.filter(Q(pk=item_id) & where).update(
-            **changes, event_seq=F("event_seq") + 1, updated_at=timezone.now()
+    # No savepoint of its own: a caller's transaction around it fails or commits as a whole.
+    with transaction.atomic(savepoint=False):
+        updated = _update_returning(
+            MediaItem.objects.filter(Q(pk=item_id) & where),
+            {**changes, "event_seq": F("event_seq") + 1, "updated_at": timezone.now()},
         )
-        if not applied:
+        if not updated:
             return None
-        item = MediaItem.objects.get(pk=item_id)
+        (item,) = updated
         if history:
             StatusEvent.objects.create(
                 item=item,
@@ -171,6 +175,58 @@ def _apply(
         if announce:
             transaction.on_commit(lambda: broadcast(item, deleted=deleted))
     return item
+
+
+def _update_returning(rows: Any, changes: dict[str, Any]) -> list[MediaItem]:
+    """``rows.update(**changes)``, and the rows as updated, in one statement (``UPDATE …
+    RETURNING``, SQLite 3.35+ and PostgreSQL) rather than an update and a read: a transition is
+    on every stage's path, and on SQLite every statement is held under the one write lock that
+    the other worker processes wait for."""
+    connection = connections[rows.db]
+    if connection.vendor not in ("sqlite", "postgresql"):
+        pks = list(rows.values_list("pk", flat=True))
+        MediaItem.objects.filter(pk__in=pks).update(**changes)
+        return list(MediaItem.objects.filter(pk__in=pks))
+    query = rows.query.chain(UpdateQuery)
+    query.add_update_values(changes)
+    sql, params = query.get_compiler(rows.db).as_sql()
+    fields = MediaItem._meta.concrete_fields
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    with connection.cursor() as cursor:
+        cursor.execute(f"{sql} RETURNING {columns}", params)
+        found = cursor.fetchall()
+    cols = [f.get_col(MediaItem._meta.db_table) for f in fields]
+    converters = [(*connection.ops.get_db_converters(c), *c.get_db_converters(connection)) for c in cols]
+    items = []
+    for row in found:
+        values = list(row)
+        for n, (col, convert_all) in enumerate(zip(cols, converters, strict=True)):
+            for convert in convert_all:
+                values[n] = convert(values[n], col, connection)
+        items.append(MediaItem.from_db(rows.db, [f.attname for f in fields], values))
+    return items
+
+
+class _JsonSet(Func):
+    """``field`` with the keys of ``values`` set, merged by the database: no read of the row
+    before its update (``stage_advanced`` and ``completed`` add a stage's seconds to ``timings``)."""
+
+    output_field = JSONField()
+
+    def __init__(self, field: str, values: dict[str, Any]) -> None:
+        super().__init__(F(field))
+        self.values = json.dumps(values)
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, tuple[Any, ...]]:
+        sql, params = compiler.compile(self.source_expressions[0])
+        return f"json_patch(COALESCE({sql}, '{{}}'), %s)", (*params, self.values)
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, tuple[Any, ...]]:
+        sql, params = compiler.compile(self.source_expressions[0])
+        return f"(COALESCE({sql}, '{{}}'::jsonb) || %s::jsonb)", (*params, self.values)
+
+    def as_sql(self, compiler: Any, connection: Any, *args: Any, **extra: Any) -> Any:
+        raise NotSupportedError(f"timings are merged by SQLite and PostgreSQL only, not {connection.vendor}")
 
 
 def _now_if_unset(field: str) -> Coalesce:
@@ -288,9 +344,8 @@ def stage_started(
         item = _apply(item_id, where, changes, history=False)
         if item is None:
             return None
-        # It left its line: those behind it moved up.
-        kind = item.kind
-        transaction.on_commit(lambda: line_moved(kind=kind))
+        # It left its line: those behind it moved up (in this transaction: one write lock).
+        line_moved(kind=item.kind)
         attempt = item.attempts
         StatusEvent.objects.create(
             item=item,
@@ -313,32 +368,23 @@ def stage_finished(
 ) -> bool:
     """A stage's result is committed: progress moves to its end. False if the item was cancelled
     (or finished) meanwhile: the chain must stop."""
-    with transaction.atomic():
-        row = (
-            MediaItem.objects.select_for_update()
-            .filter(pk=item_id, status=PROCESSING, stage=stage)
-            .values("timings")
-            .first()
-        )
-        if row is None:
-            return False
-        changes: dict[str, Any] = {
-            "progress": Greatest(F("progress"), Value(min(progress, 99))),
-            "peak_child_rss": Greatest(F("peak_child_rss"), Value(peak_child_rss)),
-            # Its next stage is queued now (or the chain's last link): it waits for a worker.
-            "waiting_since": timezone.now(),
-        }
-        if seconds is not None:
-            changes["timings"] = {**(row["timings"] or {}), stage: round(seconds, 3)}
-        message = "" if seconds is not None else f"{stage} skipped: already done"
-        item = _apply(
-            item_id,
-            Q(status=PROCESSING, stage=stage),
-            changes,
-            message=message,
-            history=seconds is None,
-        )
-        return item is not None
+    changes: dict[str, Any] = {
+        "progress": Greatest(F("progress"), Value(min(progress, 99))),
+        "peak_child_rss": Greatest(F("peak_child_rss"), Value(peak_child_rss)),
+        # Its next stage is queued now (or the chain's last link): it waits for a worker.
+        "waiting_since": timezone.now(),
+    }
+    if seconds is not None:
+        changes["timings"] = _JsonSet("timings", {stage: round(seconds, 3)})
+    message = "" if seconds is not None else f"{stage} skipped: already done"
+    item = _apply(
+        item_id,
+        Q(status=PROCESSING, stage=stage),
+        changes,
+        message=message,
+        history=seconds is None,
+    )
+    return item is not None
 
 
 def stage_advanced(
@@ -351,21 +397,22 @@ def stage_advanced(
     next_stage: str,
     task_id: str,
     next_progress: int,
+    passed: Sequence[tuple[str, float | None]] = (),
 ) -> int | None:
     """``stage_finished`` then ``stage_started`` of the next stage, as one write: the two stages
     run one after the other in one task (a fused chain), so no worker is waited for between them.
     Same rows as the two would write (a skipped stage's line, then "<next> started"), one
-    broadcast. Returns the next stage's delivery number (1: the item moved to a new stage), or
-    None if the item was cancelled or finished meanwhile: the task must stop."""
+    broadcast. ``passed``: quick stages (name, seconds) run in between, started and finished
+    within this write, with their rows and timings as if each had been written. Returns the next
+    stage's delivery number (1: the item moved to a new stage), or None if the item was
+    cancelled or finished meanwhile: the task must stop."""
     with transaction.atomic():
-        row = (
-            MediaItem.objects.select_for_update()
-            .filter(pk=item_id, status=PROCESSING, stage=stage)
-            .values("timings", "attempts")
-            .first()
-        )
-        if row is None:
-            return None
+        skipped_attempts = 0
+        if seconds is None:  # its history line names the delivery that found it done
+            found = MediaItem.objects.filter(pk=item_id, status=PROCESSING, stage=stage).values("attempts").first()
+            if found is None:
+                return None
+            skipped_attempts = found["attempts"]
         changes: dict[str, Any] = {
             "attempts": 1,
             "stage": next_stage,
@@ -375,14 +422,19 @@ def stage_advanced(
             "eta_seconds": None,
             "waiting_since": None,
         }
-        if seconds is not None:
-            changes["timings"] = {**(row["timings"] or {}), stage: round(seconds, 3)}
+        timings = {st: round(sec, 3) for st, sec in ((stage, seconds), *passed) if sec is not None}
+        if timings:
+            changes["timings"] = _JsonSet("timings", timings)
         item = _apply(item_id, Q(status=PROCESSING, stage=stage), changes, history=False)
-        if item is None:  # pragma: no cover - the row lock above makes this impossible
+        if item is None:  # cancelled or finished meanwhile
             return None
         rows = []
         if seconds is None:
-            rows.append((stage, row["attempts"], f"{stage} skipped: already done"))
+            rows.append((stage, skipped_attempts, f"{stage} skipped: already done"))
+        for st, sec in passed:
+            rows.append((st, 1, f"{st} started"))
+            if sec is None:
+                rows.append((st, 1, f"{st} skipped: already done"))
         rows.append((next_stage, 1, f"{next_stage} started"))
         StatusEvent.objects.bulk_create(
             StatusEvent(item=item, status=item.status, stage=st, progress=item.progress, attempt=n, message=m)
@@ -422,15 +474,10 @@ def completed(*, item_id: Any, stage: str = "", seconds: float | None = None, pe
     }
     if not stage:
         return _apply(item_id, Q(status=PROCESSING), changes, message="Completed") is not None
-    with transaction.atomic():
-        where = Q(status=PROCESSING, stage=stage)
-        row = MediaItem.objects.select_for_update().filter(Q(pk=item_id) & where).values("timings").first()
-        if row is None:
-            return False
-        changes["peak_child_rss"] = Greatest(F("peak_child_rss"), Value(peak_child_rss))
-        if seconds is not None:
-            changes["timings"] = {**(row["timings"] or {}), stage: round(seconds, 3)}
-        return _apply(item_id, where, changes, message="Completed") is not None
+    changes["peak_child_rss"] = Greatest(F("peak_child_rss"), Value(peak_child_rss))
+    if seconds is not None:
+        changes["timings"] = _JsonSet("timings", {stage: round(seconds, 3)})
+    return _apply(item_id, Q(status=PROCESSING, stage=stage), changes, message="Completed") is not None
 
 
 def failed(*, item_id: Any, error: ErrorReport, message: str = "", source_gone: bool = False) -> bool:
@@ -602,8 +649,9 @@ def line_moved(*, kind: str) -> None:
     """An item of ``kind`` left its queue's line (its stage started): the item now first in line
     is told it is next, every time; the first LINE_NOTIFY are told their new place (and wait) at
     most once a second per queue and process, so a long line of quick steps (a camera roll's
-    images) costs a few broadcasts a second, not ten per step."""
-    from media_app.selectors import media_items_waiting_in
+    images) costs a few broadcasts a second, not ten per step. Called inside the transaction
+    of the start that moved the line; they are told once it commits."""
+    from media_app.selectors import _waiting_since, media_items_waiting_in
 
     queue = jobs.queue_for(kind)
     now = time.monotonic()
@@ -612,15 +660,17 @@ def line_moved(*, kind: str) -> None:
         _last_line_notice[str(queue)] = now
         told = LINE_NOTIFY
     try:
-        with transaction.atomic():
-            first = list(media_items_waiting_in(queue).values_list("pk", flat=True)[:told])
-            # A new number for each, as for every event: a watcher drops a number it has seen.
-            # Not ``updated_at``: the item itself did not move (the watchdog and the time left
-            # read it).
-            MediaItem.objects.filter(pk__in=first).update(event_seq=F("event_seq") + 1)
-            told_items = list(media_items_waiting_in(queue).filter(pk__in=first))
-        # They are the head of the line, in order (none can have joined ahead of them): their
-        # places need no count each, a query over the whole line per item.
-        broadcast_many(told_items, positions={item.pk: n for n, item in enumerate(told_items, 1)})
+        # A new number for each, as for every event: a watcher drops a number it has seen. Not
+        # ``updated_at``: the item itself did not move (the watchdog and the time left read it).
+        # One statement: it picks the head of the line, numbers it and returns it.
+        head = media_items_waiting_in(queue).values("pk")[:told]
+        with transaction.atomic():  # a savepoint: the start stands without its notice
+            told_items = _update_returning(MediaItem.objects.filter(pk__in=head), {"event_seq": F("event_seq") + 1})
     except Exception:  # best effort, as every broadcast: the saved state is the truth
         logger.warning("line notice failed for queue %s", queue, exc_info=True)
+        return
+    told_items.sort(key=lambda it: (_waiting_since(it), str(it.pk)))
+    # They are the head of the line, in order (none can have joined ahead of them): their places
+    # need no count each, a query over the whole line per item.
+    positions = {item.pk: n for n, item in enumerate(told_items, 1)}
+    transaction.on_commit(lambda: broadcast_many(told_items, positions=positions))

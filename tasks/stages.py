@@ -302,12 +302,24 @@ def run_fused(
         raise Ignore()  # deleted, cancelled or finished
     # ``item`` was read after the entry task committed its kind and media info, which no stage
     # changes: no reload per stage.
-    for n, stage in enumerate(todo):
+    n = 0
+    while n < len(todo):
+        stage = todo[n]
         try:
             ran = work_stage(task, item, stage, attempt)
         except RETRYABLE_ERRORS as exc:
             retry_stage(task, item_id, stage, attempt, exc)
-        end = int(bindings.progress_span(item.kind, stage)[1])
+        # Quick stages after it (a plan, a link: milliseconds) run now, and go into the write of
+        # the next stage's start: a watcher could not see them, the history still does.
+        passed: list[tuple[str, StageRun]] = []
+        while n + 2 < len(todo) and bindings.is_quick(item.kind, todo[n + 1]):
+            quick = todo[n + 1]
+            try:
+                passed.append((quick, work_stage(task, item, quick, 1)))
+            except RETRYABLE_ERRORS as exc:
+                retry_stage(task, item_id, quick, 1, exc)
+            n += 1
+        end = int(bindings.progress_span(item.kind, todo[n])[1])
         if n + 1 < len(todo):
             # This stage's end and the next one's start: one write, one broadcast.
             following = todo[n + 1]
@@ -316,19 +328,23 @@ def run_fused(
                 stage=stage,
                 progress=end,
                 seconds=ran.seconds,
-                peak_child_rss=ran.peak,
+                peak_child_rss=max([ran.peak, *(q.peak for _, q in passed)]),
                 next_stage=following,
                 task_id=task_id,
                 next_progress=int(bindings.progress_span(item.kind, following)[0]),
+                passed=[(quick, q.seconds) for quick, q in passed],
             )
         else:
             # The last stage's end is the item's completion: one write.
             done = lifecycle.completed(item_id=item_id, stage=stage, seconds=ran.seconds, peak_child_rss=ran.peak)
             next_attempt = attempt if done else None
         log_run(task, item_id, stage, attempt, ran, next_attempt is not None)
+        for quick, quick_ran in passed:
+            log_run(task, item_id, quick, 1, quick_ran, next_attempt is not None)
         if next_attempt is None:
             raise Ignore()  # cancelled while it ran: its result stays in storage
         attempt = next_attempt
+        n += 1
     clear_work(item_id)
 
 

@@ -22,17 +22,28 @@ pytestmark = pytest.mark.django_db(transaction=True)
 STAGES = ["decode", "normalize", "encode", "store"]
 
 
-def test_one_task_reports_every_stage_as_the_chain_did(image):
+def test_one_task_reports_every_stage_as_the_chain_did(image, monkeypatch):
     from tasks.stages import fused, process_links
 
     (link,) = process_links(image)
     assert link.task == "media.stage.fused"
+    seen: list[tuple[str, str]] = []
+    real_broadcast = lifecycle.broadcast_many
+
+    def broadcast_many(items: Any, **kwargs: Any) -> None:
+        seen.extend((it.status, it.stage) for it in items)
+        real_broadcast(items, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "broadcast_many", broadcast_many)
     fused.apply(args=[str(image.pk)], task_id="fused-1").get()
 
     image.refresh_from_db()
     assert (image.status, image.progress, image.task_id) == ("Completed", 100, "fused-1")
     assert history(image) == [(s, f"{s} started", 1) for s in STAGES]
     assert sorted(image.timings) == sorted(STAGES)
+    # Watchers are told of each stage but the quick normalize (a plan, milliseconds), whose start
+    # and end go with the encode's start: one write fewer per image.
+    assert seen == [("Processing", "decode"), ("Processing", "encode"), ("Processing", "store"), ("Completed", "")]
     assert {r.role for r in image.renditions.all()} >= {"image_avif", "image_webp"}
 
 
@@ -78,6 +89,30 @@ def test_a_cancel_during_a_stage_stops_the_task_before_the_next(image, monkeypat
 
     def run(ctx: Any) -> Any:
         result = real_run(ctx)
+        if ctx.stage == "encode":
+            assert lifecycle.cancelled(item_id=ctx.item_id, message="Cancelled by an administrator.")
+        return result
+
+    monkeypatch.setattr(bindings, "run", run)
+    fused.apply(args=[str(image.pk)], task_id="fused-1")
+
+    image.refresh_from_db()
+    assert (image.status, image.error_code) == ("Failed", "cancelled")
+    assert [row[0] for row in history(image)] == ["decode", "normalize", "encode"]
+    assert not image.renditions.exists()
+
+
+def test_a_cancel_during_a_quick_stage_stops_the_task_too(image, monkeypatch):
+    """Normalize is quick (a plan: milliseconds) and not announced on its own; a cancel while it
+    runs is seen by the write that would have started the encode, and the encode never runs."""
+    from tasks.stages import fused
+
+    real_run = bindings.run
+    runs: list[str] = []
+
+    def run(ctx: Any) -> Any:
+        runs.append(ctx.stage)
+        result = real_run(ctx)
         if ctx.stage == "normalize":
             assert lifecycle.cancelled(item_id=ctx.item_id, message="Cancelled by an administrator.")
         return result
@@ -87,7 +122,7 @@ def test_a_cancel_during_a_stage_stops_the_task_before_the_next(image, monkeypat
 
     image.refresh_from_db()
     assert (image.status, image.error_code) == ("Failed", "cancelled")
-    assert [row[0] for row in history(image)] == ["decode", "normalize"]
+    assert runs == ["decode", "normalize"]
     assert not image.renditions.exists()
 
 
