@@ -651,7 +651,7 @@ def line_moved(*, kind: str) -> None:
     most once a second per queue and process, so a long line of quick steps (a camera roll's
     images) costs a few broadcasts a second, not ten per step. Called inside the transaction
     of the start that moved the line; they are told once it commits."""
-    from media_app.selectors import _waiting_since, media_items_waiting_in
+    from media_app.selectors import _waiting_since, media_item_waiting, media_items_waiting_in
 
     queue = jobs.queue_for(kind)
     now = time.monotonic()
@@ -662,14 +662,22 @@ def line_moved(*, kind: str) -> None:
     try:
         # A new number for each, as for every event: a watcher drops a number it has seen. Not
         # ``updated_at``: the item itself did not move (the watchdog and the time left read it).
-        # One statement: it picks the head of the line, numbers it and returns it.
-        head = media_items_waiting_in(queue).values("pk")[:told]
+        # One statement: it picks the head of the line, numbers it and returns it. SKIP LOCKED
+        # (PostgreSQL; SQLite has one write lock): a row another worker has locked is an item
+        # starting right now, leaving the line; waiting for it while holding our own start's
+        # row would deadlock two starts that each tell the other's item.
+        head = media_items_waiting_in(queue).select_for_update(skip_locked=True).values("pk")[:told]
         with transaction.atomic():  # a savepoint: the start stands without its notice
             told_items = _update_returning(MediaItem.objects.filter(pk__in=head), {"event_seq": F("event_seq") + 1})
     except Exception:  # best effort, as every broadcast: the saved state is the truth
         logger.warning("line notice failed for queue %s", queue, exc_info=True)
         return
-    told_items.sort(key=lambda it: (_waiting_since(it), str(it.pk)))
+    # A row whose item left the line after the head was read (a start that committed meanwhile)
+    # is numbered too, harmlessly; it is not told a place.
+    told_items = sorted(
+        (it for it in told_items if media_item_waiting(it) and _waiting_since(it) is not None),
+        key=lambda it: (_waiting_since(it), str(it.pk)),
+    )
     # They are the head of the line, in order (none can have joined ahead of them): their places
     # need no count each, a query over the whole line per item.
     positions = {item.pk: n for n, item in enumerate(told_items, 1)}

@@ -116,6 +116,41 @@ def test_cancel_racing_stage_start_never_leaves_a_cancelled_item_running(make_us
     assert started_first + cancelled_first == rounds()
 
 
+def test_two_starts_each_telling_the_line_wait_for_neither(make_user, broker, monkeypatch, caplog):
+    """Two items of one line start at once on two workers; each start tells the head of the line
+    its place in the same transaction, and the other's item is still in that line as its
+    transaction sees it. Neither may wait for the other's row: on PostgreSQL that was a deadlock,
+    broken after a second by dropping one notice."""
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite has one write lock: two transitions never overlap there")
+    user = make_user()
+    items = [queued_item(user) for _ in range(4)]
+    both_updated = threading.Barrier(2)
+    real_line_moved = lifecycle.line_moved
+
+    def line_moved(*, kind: str) -> None:
+        both_updated.wait(timeout=10)  # each holds its own started row now
+        real_line_moved(kind=kind)
+
+    monkeypatch.setattr(lifecycle, "line_moved", line_moved)
+    caplog.set_level("WARNING", logger="media_app.lifecycle")
+    for n, item in enumerate(items[:2]):
+        MediaItem.objects.filter(pk=item.pk).update(task_id=f"start-{n}")
+    started = race(
+        *(
+            lambda i=item, n=n: lifecycle.stage_started(item_id=i.pk, stage="demux", task_id=f"s{n}", progress=1)
+            for n, item in enumerate(items[:2])
+        )
+    )
+    assert started == [1, 1]
+    assert "line notice failed" not in caplog.text
+    # Those still in line were told (a new number each).
+    for item in items[2:]:
+        seq = item.event_seq
+        item.refresh_from_db()
+        assert item.event_seq > seq
+
+
 def test_cancel_racing_stage_finish_and_completion_never_ends_completed(make_user, broker):
     user = make_user()
     outcomes = {"cancelled": 0, "completed": 0}
