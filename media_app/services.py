@@ -85,7 +85,15 @@ def rendition_put(*, item_id: Any, rendition: dict[str, Any]) -> Rendition:
 
 
 def storage_delete_tree(prefix: str) -> None:
-    """Delete every stored object under ``prefix`` (S3 has no folders to remove; disk does)."""
+    """Delete every stored object under ``prefix``: on disk the folder at once (an item's stage
+    files are a dozen, deleted after every item), on S3 object by object (it has no folders)."""
+    try:
+        path = default_storage.path(prefix)
+    except NotImplementedError:
+        path = None
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
     try:
         dirs, files = default_storage.listdir(prefix)
     except (FileNotFoundError, NotADirectoryError):
@@ -94,11 +102,6 @@ def storage_delete_tree(prefix: str) -> None:
         default_storage.delete(f"{prefix}/{name}")
     for name in dirs:
         storage_delete_tree(f"{prefix}/{name}")
-    try:
-        path = default_storage.path(prefix)
-    except NotImplementedError:
-        return
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def media_item_remove_files(item: MediaItem, *, source: bool) -> None:
