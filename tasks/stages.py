@@ -317,23 +317,13 @@ def run_fused(
             try:
                 passed.append((quick, work_stage(task, item, quick, 1)))
             except RETRYABLE_ERRORS as exc:
+                # Announced before the retry: its redeliveries then count from this first try.
+                if _advance(item, stage, ran, passed, to=quick, task_id=task_id) is None:
+                    raise Ignore() from exc
                 retry_stage(task, item_id, quick, 1, exc)
             n += 1
-        end = int(bindings.progress_span(item.kind, todo[n])[1])
         if n + 1 < len(todo):
-            # This stage's end and the next one's start: one write, one broadcast.
-            following = todo[n + 1]
-            next_attempt = lifecycle.stage_advanced(
-                item_id=item_id,
-                stage=stage,
-                progress=end,
-                seconds=ran.seconds,
-                peak_child_rss=max([ran.peak, *(q.peak for _, q in passed)]),
-                next_stage=following,
-                task_id=task_id,
-                next_progress=int(bindings.progress_span(item.kind, following)[0]),
-                passed=[(quick, q.seconds) for quick, q in passed],
-            )
+            next_attempt = _advance(item, stage, ran, passed, to=todo[n + 1], task_id=task_id)
         else:
             # The last stage's end is the item's completion: one write.
             done = lifecycle.completed(item_id=item_id, stage=stage, seconds=ran.seconds, peak_child_rss=ran.peak)
@@ -346,6 +336,25 @@ def run_fused(
         attempt = next_attempt
         n += 1
     clear_work(item_id)
+
+
+def _advance(
+    item: MediaItem, stage: str, ran: StageRun, passed: list[tuple[str, StageRun]], *, to: str, task_id: str
+) -> int | None:
+    """``stage``'s end, the quick stages ``passed`` since, and ``to``'s start: one write, one
+    broadcast (``lifecycle.stage_advanced``)."""
+    done = passed[-1][0] if passed else stage
+    return lifecycle.stage_advanced(
+        item_id=item.pk,
+        stage=stage,
+        progress=int(bindings.progress_span(item.kind, done)[1]),
+        seconds=ran.seconds,
+        peak_child_rss=max([ran.peak, *(q.peak for _, q in passed)]),
+        next_stage=to,
+        task_id=task_id,
+        next_progress=int(bindings.progress_span(item.kind, to)[0]),
+        passed=[(quick, q.seconds) for quick, q in passed],
+    )
 
 
 def retry_stage(task: Task, item_id: str, stage: str, attempt: int, exc: BaseException) -> NoReturn:

@@ -82,29 +82,16 @@ def test_a_file_that_kills_its_worker_every_time_is_stopped(image, settings):
     assert image.error_message == "Processing this file failed repeatedly and was stopped."
 
 
-def test_a_cancel_during_a_stage_stops_the_task_before_the_next(image, monkeypatch):
-    from tasks.stages import fused
-
-    real_run = bindings.run
-
-    def run(ctx: Any) -> Any:
-        result = real_run(ctx)
-        if ctx.stage == "encode":
-            assert lifecycle.cancelled(item_id=ctx.item_id, message="Cancelled by an administrator.")
-        return result
-
-    monkeypatch.setattr(bindings, "run", run)
-    fused.apply(args=[str(image.pk)], task_id="fused-1")
-
-    image.refresh_from_db()
-    assert (image.status, image.error_code) == ("Failed", "cancelled")
-    assert [row[0] for row in history(image)] == ["decode", "normalize", "encode"]
-    assert not image.renditions.exists()
-
-
-def test_a_cancel_during_a_quick_stage_stops_the_task_too(image, monkeypatch):
-    """Normalize is quick (a plan: milliseconds) and not announced on its own; a cancel while it
-    runs is seen by the write that would have started the encode, and the encode never runs."""
+@pytest.mark.parametrize(
+    ("during", "ran", "announced"),
+    [
+        ("encode", ["decode", "normalize", "encode"], ["decode", "normalize", "encode"]),
+        # Normalize is quick (a plan: milliseconds) and not announced on its own: the write that
+        # would have started the encode sees the cancel, and the encode never runs.
+        ("normalize", ["decode", "normalize"], ["decode"]),
+    ],
+)
+def test_a_cancel_during_a_stage_stops_the_task_before_the_next(image, monkeypatch, during, ran, announced):
     from tasks.stages import fused
 
     real_run = bindings.run
@@ -113,7 +100,7 @@ def test_a_cancel_during_a_quick_stage_stops_the_task_too(image, monkeypatch):
     def run(ctx: Any) -> Any:
         runs.append(ctx.stage)
         result = real_run(ctx)
-        if ctx.stage == "normalize":
+        if ctx.stage == during:
             assert lifecycle.cancelled(item_id=ctx.item_id, message="Cancelled by an administrator.")
         return result
 
@@ -122,8 +109,36 @@ def test_a_cancel_during_a_quick_stage_stops_the_task_too(image, monkeypatch):
 
     image.refresh_from_db()
     assert (image.status, image.error_code) == ("Failed", "cancelled")
-    assert runs == ["decode", "normalize"]
+    assert runs == ran
+    assert [row[0] for row in history(image)] == announced
     assert not image.renditions.exists()
+
+
+def test_a_quick_stage_that_keeps_failing_is_tried_as_often_as_any_other(image, monkeypatch, settings):
+    """A quick stage is not announced when it starts; when it fails for something a retry can
+    fix, it is announced before the retry, so that its deliveries are counted like any stage's."""
+    from tasks.stages import fused
+
+    real_run = bindings.run
+    runs: list[str] = []
+
+    def run(ctx: Any) -> Any:
+        runs.append(ctx.stage)
+        if ctx.stage == "normalize":
+            raise ConnectionError("storage blinked")
+        return real_run(ctx)
+
+    monkeypatch.setattr(bindings, "run", run)
+    fused.apply(args=[str(image.pk)], task_id="fused-1")
+
+    image.refresh_from_db()
+    assert image.status == "Failed"
+    assert runs.count("normalize") == settings.MEDIA_MAX_ATTEMPTS
+    assert [row[1:] for row in history(image) if row[0] == "normalize"] == [
+        ("normalize started", 1),
+        ("normalize started (attempt 2)", 2),
+        ("normalize started (attempt 3)", 3),
+    ]
 
 
 def test_a_retryable_error_retries_the_task_from_the_stage_that_failed(image, monkeypatch):
