@@ -267,18 +267,28 @@ def look(source: Path | bytes, *, fmt: str | None = None) -> Looked:
         )
 
 
-def loudness(path: Path) -> float:
-    """Integrated loudness (LUFS) of a file's audio, measured independently of the stages."""
+def _ebur128_summary(path: Path, options: str = "") -> str:
+    """The summary ffmpeg's ``ebur128`` prints for a file's audio as played (decoders apply the
+    Opus header gain), measured independently of the stages."""
     out = subprocess.run(
-        [ffmpeg_exe(), "-hide_banner", "-nostats", "-i", str(path), "-vn", "-af", "ebur128=framelog=quiet",
+        [ffmpeg_exe(), "-hide_banner", "-nostats", "-i", str(path), "-vn", "-af", f"ebur128=framelog=quiet{options}",
          "-f", "null", "-"],
         capture_output=True, text=True, check=True,
     ).stderr  # fmt: skip
-    summary = out.rpartition("Summary:")[2]
-    for line in summary.splitlines():
-        if line.strip().startswith("I:"):
-            return float(line.split()[1])
-    raise AssertionError(f"no loudness in: {out[-500:]}")
+    found, _, summary = out.rpartition("Summary:")
+    if not found:
+        raise AssertionError(f"no loudness in: {out[-500:]}")
+    return summary
+
+
+def loudness(path: Path) -> float:
+    """Integrated loudness (LUFS) of a file's audio."""
+    return float(_ebur128_summary(path).split("I:")[1].split()[0])
+
+
+def true_peak(path: Path) -> float:
+    """True peak (dBTP, 4x oversampled) of a file's audio."""
+    return float(_ebur128_summary(path, ":peak=true").rpartition("True peak:")[2].split("Peak:")[1].split()[0])
 
 
 def replace_profile(profiles: Profiles, **sections: dict[str, Any]) -> Profiles:
@@ -298,6 +308,11 @@ def looker() -> Callable[..., Looked]:
 @pytest.fixture(scope="session")
 def measure_lufs() -> Callable[[Path], float]:
     return loudness
+
+
+@pytest.fixture(scope="session")
+def measure_true_peak() -> Callable[[Path], float]:
+    return true_peak
 
 
 @pytest.fixture(scope="session")

@@ -420,18 +420,8 @@ def test_loudness_is_measured_in_the_encode_and_written_as_the_opus_gain(
     assert measure_lufs(unity) == pytest.approx(encoded.loudness.integrated, abs=0.5)
 
 
-def _true_peak(path: Path) -> float:
-    """dBTP of a file's audio as played (decoders apply the Opus header gain), measured apart."""
-    out = subprocess.run(
-        [ffmpeg_exe(), "-hide_banner", "-nostats", "-i", str(path), "-vn", "-af", "ebur128=peak=true:framelog=quiet",
-         "-f", "null", "-"],
-        capture_output=True, text=True, check=True,
-    ).stderr  # fmt: skip
-    return float(out.rpartition("True peak:")[2].split("Peak:")[1].split()[0])
-
-
 def test_a_quiet_sound_with_loud_peaks_is_raised_only_to_the_true_peak_ceiling(
-    media: Any, pipeline: Any, profiles: Profiles, measure_lufs: Any
+    media: Any, pipeline: Any, profiles: Profiles, measure_lufs: Any, measure_true_peak: Any
 ) -> None:
     """The encode measures the sample peak, not the 4x oversampled true peak: played back, a
     quiet piece with loud clicks must still stay under the ceiling, and lose at most the
@@ -442,14 +432,14 @@ def test_a_quiet_sound_with_loud_peaks_is_raised_only_to_the_true_peak_ceiling(
          ":s=44100:d=4", "-ac", "2", "-c:a", "flac"],
     )  # fmt: skip
     ap = profiles.audio
-    exact = _true_peak(peaky)
+    exact = measure_true_peak(peaky)
     run = pipeline(peaky)
     webm = run.dir("mux") / "media.webm"
     gain = run["encode"].gain_db
     # The ceiling binds (the target loudness alone would ask for far more) ...
     assert ap.loudness_i - measure_lufs(peaky) > gain + 3
     # ... played, the peaks stay under it (give or take what the Opus encode moves them) ...
-    assert _true_peak(webm) <= ap.loudness_tp + 0.3
+    assert measure_true_peak(webm) <= ap.loudness_tp + 0.3
     # ... and the gain is within the allowance of the one the true peak gives.
     assert ap.loudness_tp - exact - stages.SAMPLE_PEAK_ALLOWANCE_DB - 0.1 <= gain <= ap.loudness_tp - exact + 0.1
 
