@@ -184,9 +184,8 @@ def _update_returning(rows: Any, changes: dict[str, Any]) -> list[MediaItem]:
     the other worker processes wait for."""
     connection = connections[rows.db]
     if connection.vendor not in ("sqlite", "postgresql"):
-        pks = list(rows.values_list("pk", flat=True))
-        MediaItem.objects.filter(pk__in=pks).update(**changes)
-        return list(MediaItem.objects.filter(pk__in=pks))
+        # An update then a read would lose the guard: the row may change between the two.
+        raise NotSupportedError(f"transitions need UPDATE … RETURNING: SQLite or PostgreSQL, not {connection.vendor}")
     query = rows.query.chain(UpdateQuery)
     query.add_update_values(changes)
     sql, params = query.get_compiler(rows.db).as_sql()
