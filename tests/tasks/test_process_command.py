@@ -224,7 +224,11 @@ SHOWN = {"portrait.mp4": (120, 160), "hdr10.mp4": (320, 180), "hlg.mp4": (320, 1
 HDR_SOURCES = {"hdr10.mp4", "hlg.mp4"}
 
 
-@pytest.fixture(scope="module")
+# Session-wide, not module-wide: pytest-django runs the worker test (transactional) among the
+# other modules' transactional tests and this module's others later, so a module fixture was
+# torn down in between and the files made and processed twice (~15 s). Nothing here is changed
+# by a test: the files are read, the reports compared.
+@pytest.fixture(scope="session")
 def made(tmp_path_factory) -> tuple[dict[str, Path], dict[str, dict]]:
     root = tmp_path_factory.mktemp("made")
     files = _made_files(root)
