@@ -74,10 +74,13 @@ def test_a_throttled_network_switches_down_and_playback_goes_on(
     page = logged_in_page
     cdp = page.context.new_cdp_session(page)
     cdp.send("Network.enable")
-    # About 600 kb/s from the start, below the top rung's bitrate: the buffer fills slowly.
+    # About 1 Mb/s from the start: well below the top rung's bitrate (~1.7 Mb/s: 0.85 MB per 4 s
+    # segment of this clip), above the 486p rung's (~0.5 Mb/s), so the buffer fills slowly at
+    # 720p and playback can go on below it. (It was 600 kb/s: the same switch, but each 720p
+    # segment took 11 s to arrive instead of 7.)
     cdp.send(
         "Network.emulateNetworkConditions",
-        {"offline": False, "latency": 50, "downloadThroughput": 75_000, "uploadThroughput": 75_000},
+        {"offline": False, "latency": 50, "downloadThroughput": 125_000, "uploadThroughput": 125_000},
     )
     card = open_player(page, ladder_video_720)
     video = card.locator("video")
