@@ -559,6 +559,39 @@ def test_an_audio_upload_longer_than_its_header_says_is_refused_past_the_limit(
     assert run["mux"].outputs[0].duration == pytest.approx(6.0, abs=0.1)
 
 
+def test_a_recording_whose_header_states_no_length_reports_its_encode_progress(
+    media: Any, profiles: Profiles, tmp_path: Path
+) -> None:
+    """A browser's recording (a WebM written live) says nothing of its length: the decode stage
+    counts its packets, so the encode, which decodes it once, can say how far it is."""
+    src = media.make(
+        "memo-live.webm",
+        ["-f", "lavfi", "-i", "sine=frequency=330:duration=30", "-c:a", "libopus", "-live", "1", "-f", "webm"],
+    )  # fmt: skip
+    limits = profiles.limits
+    dm = stages.demux(src, tmp_path / "demux", limits=limits)
+    assert dm.in_place and dm.duration is None
+    decoded = stages.decode(dm, tmp_path / "demux", tmp_path / "decode", limits=limits)
+    assert decoded.packets_duration == pytest.approx(30.0, abs=0.1)
+    plan = stages.normalize(
+        dm, tmp_path / "demux", tmp_path / "plan", profiles=profiles, limits=limits, decoded=decoded
+    )
+    assert plan.duration == pytest.approx(30.0, abs=0.1)
+    seen: list[float] = []
+    encoded = stages.encode(
+        dm,
+        tmp_path / "demux",
+        stages.build_filters(plan, profiles=profiles),
+        plan,
+        tmp_path / "enc",
+        profiles=profiles,
+        limits=limits,
+        progress=seen.append,
+    )
+    assert seen and seen == sorted(seen) and seen[-1] == 1.0
+    assert encoded.duration == pytest.approx(30.0, abs=0.1)
+
+
 @pytest.mark.parametrize("sample", ["wav_empty_header_only.wav", "flac-frames-garbled", "flac-no-frames"])
 def test_a_sound_of_which_nothing_decodes_is_refused(sample: str, media: Any, pipeline: Any, tmp_path: Path) -> None:
     """A header with no sound behind it (a WAV header alone, FLAC frames overwritten, a FLAC
