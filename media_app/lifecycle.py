@@ -477,11 +477,21 @@ def progressed(*, item_id: Any, progress: int, eta_seconds: float | None = None)
     return _apply(item_id, where, {"progress": progress, "eta_seconds": eta_seconds}, history=False) is not None
 
 
-def completed(*, item_id: Any, stage: str = "", seconds: float | None = None, peak_child_rss: int = 0) -> bool:
+def completed(
+    *,
+    item_id: Any,
+    stage: str = "",
+    seconds: float | None = None,
+    peak_child_rss: int = 0,
+    passed: Sequence[tuple[str, float | None]] = (),
+    progress: int = 99,
+) -> bool:
     """The chain's last link: Completed, 100 %. Never over a cancel or a failure.
     ``stage``: the last stage ran in the same task (a fused chain) and is finished by this same
     write (its ``seconds`` and peak recorded as ``stage_finished`` would): it applies only while
-    the item is Processing at that stage."""
+    the item is Processing at that stage. ``passed``: quick stages (name, seconds) run after it,
+    the last of the item's stages among them, started and finished within this write, with their
+    history rows (at ``progress``, where the bar stood) and timings, as in ``stage_advanced``."""
     changes: dict[str, Any] = {
         "status": COMPLETED,
         "stage": "",
@@ -493,9 +503,26 @@ def completed(*, item_id: Any, stage: str = "", seconds: float | None = None, pe
     if not stage:
         return _apply(item_id, Q(status=PROCESSING), changes, message="Completed") is not None
     changes["peak_child_rss"] = Greatest(F("peak_child_rss"), Value(peak_child_rss))
-    if seconds is not None:
-        changes["timings"] = _JsonSet("timings", {stage: round(seconds, 3)})
-    return _apply(item_id, Q(status=PROCESSING, stage=stage), changes, message="Completed") is not None
+    timings = {st: round(sec, 3) for st, sec in ((stage, seconds), *passed) if sec is not None}
+    if timings:
+        changes["timings"] = _JsonSet("timings", timings)
+    if not passed:
+        return _apply(item_id, Q(status=PROCESSING, stage=stage), changes, message="Completed") is not None
+    with transaction.atomic():
+        item = _apply(item_id, Q(status=PROCESSING, stage=stage), changes, history=False)
+        if item is None:  # cancelled or failed meanwhile
+            return False
+        rows = []
+        for st, sec in passed:
+            rows.append((PROCESSING, st, progress, 1, f"{st} started"))
+            if sec is None:
+                rows.append((PROCESSING, st, progress, 1, f"{st} skipped: already done"))
+        rows.append((item.status, item.stage, item.progress, item.attempts, "Completed"))
+        StatusEvent.objects.bulk_create(
+            StatusEvent(item=item, status=status, stage=st, progress=pr, attempt=n, message=m)
+            for status, st, pr, n, m in rows
+        )
+    return True
 
 
 def failed(*, item_id: Any, error: ErrorReport, message: str = "", source_gone: bool = False) -> bool:

@@ -47,8 +47,9 @@ class Stage:
     # config/celery.py).
     time_limit: int
     run: Callable[[StageContext], Any]
-    # No media work (a plan, a link): milliseconds. Run fused, it is not announced on its own;
-    # its start and end go with the next stage's start, one write instead of two.
+    # Milliseconds of work, too short for a watcher to follow (a plan, a link, an image's or a
+    # sound's outputs copied into storage). Run fused, it is not announced on its own: its start
+    # and end go with the next stage's start, or with the completion when it is the last stage.
     quick: bool = False
 
 
@@ -347,13 +348,13 @@ PIPELINES: dict[str, tuple[Stage, ...]] = {
         Stage("filter", 1, _D, 1 * MINUTE, _filter, quick=True),
         Stage("encode", 84, _D, 0, _encode),
         Stage("mux", 1, _D, 10 * MINUTE, _mux, quick=True),
-        Stage("store", 10, _D, 10 * MINUTE, _store),
+        Stage("store", 10, _D, 10 * MINUTE, _store, quick=True),
     ),
     "image": (
         Stage("decode", 25, _D, 2 * MINUTE, _image_decode),
         Stage("normalize", 5, _D, 1 * MINUTE, _image_normalize, quick=True),
         Stage("encode", 55, _D, 5 * MINUTE, _image_encode),
-        Stage("store", 15, _D, 5 * MINUTE, _store),
+        Stage("store", 15, _D, 5 * MINUTE, _store, quick=True),
     ),
 }
 # Every stage name of any kind: one Celery task each (media.stage.<name>).

@@ -309,10 +309,16 @@ def run_fused(
             ran = work_stage(task, item, stage, attempt)
         except RETRYABLE_ERRORS as exc:
             retry_stage(task, item_id, stage, attempt, exc)
-        # Quick stages after it (a plan, a link: milliseconds) run now, and go into the write of
-        # the next stage's start: a watcher could not see them, the history still does.
+        # Quick stages after it (a plan, a link, the store: milliseconds) run now, and go into
+        # the write of the next stage's start, or of the completion when the last one is among
+        # them: a watcher could not see them, the history still does.
         passed: list[tuple[str, StageRun]] = []
-        while n + 2 < len(todo) and bindings.is_quick(item.kind, todo[n + 1]):
+        if n + 1 < len(todo) and bindings.is_quick(item.kind, todo[n + 1]) and not _still_at(item_id, stage):
+            # Cancelled (or failed) while it ran: no write would tell the quick stages so before
+            # the store copied the outputs of an item nobody wants. A read, not a write.
+            log_run(task, item_id, stage, attempt, ran, False)
+            raise Ignore()
+        while n + 1 < len(todo) and bindings.is_quick(item.kind, todo[n + 1]):
             quick = todo[n + 1]
             try:
                 passed.append((quick, work_stage(task, item, quick, 1)))
@@ -325,8 +331,15 @@ def run_fused(
         if n + 1 < len(todo):
             next_attempt = _advance(item, stage, ran, passed, to=todo[n + 1], task_id=task_id)
         else:
-            # The last stage's end is the item's completion: one write.
-            done = lifecycle.completed(item_id=item_id, stage=stage, seconds=ran.seconds, peak_child_rss=ran.peak)
+            # The last stage's end (or the last quick stage's) is the item's completion: one write.
+            done = lifecycle.completed(
+                item_id=item_id,
+                stage=stage,
+                seconds=ran.seconds,
+                peak_child_rss=max([ran.peak, *(q.peak for _, q in passed)]),
+                passed=[(quick, q.seconds) for quick, q in passed],
+                progress=int(bindings.progress_span(item.kind, stage)[1]),
+            )
             next_attempt = attempt if done else None
         log_run(task, item_id, stage, attempt, ran, next_attempt is not None)
         for quick, quick_ran in passed:
@@ -336,6 +349,11 @@ def run_fused(
         attempt = next_attempt
         n += 1
     clear_work(item_id)
+
+
+def _still_at(item_id: Any, stage: str) -> bool:
+    """Whether the item is still Processing at ``stage`` (not cancelled, failed or gone)."""
+    return MediaItem.objects.filter(pk=item_id, status=MediaStatus.PROCESSING, stage=stage).exists()
 
 
 def _advance(

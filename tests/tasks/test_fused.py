@@ -20,6 +20,7 @@ from tests.tasks.conftest import history
 pytestmark = pytest.mark.django_db(transaction=True)
 
 STAGES = ["decode", "normalize", "encode", "store"]
+IMAGE_RUNS = STAGES
 
 
 def test_one_task_reports_every_stage_as_the_chain_did(image, monkeypatch):
@@ -41,9 +42,11 @@ def test_one_task_reports_every_stage_as_the_chain_did(image, monkeypatch):
     assert (image.status, image.progress, image.task_id) == ("Completed", 100, "fused-1")
     assert history(image) == [(s, f"{s} started", 1) for s in STAGES]
     assert sorted(image.timings) == sorted(STAGES)
-    # Watchers are told of each stage but the quick normalize (a plan, milliseconds), whose start
-    # and end go with the encode's start: one write fewer per image.
-    assert seen == [("Processing", "decode"), ("Processing", "encode"), ("Processing", "store"), ("Completed", "")]
+    # Watchers are told of each stage but the quick ones: the normalize (a plan, milliseconds),
+    # whose start and end go with the encode's start, and the store (a copy of two small files),
+    # whose start and end go with the completion: two writes fewer per image.
+    assert seen == [("Processing", "decode"), ("Processing", "encode"), ("Completed", "")]
+    assert image.timings["store"] > 0
     assert {r.role for r in image.renditions.all()} >= {"image_avif", "image_webp"}
 
 
@@ -89,6 +92,8 @@ def test_a_file_that_kills_its_worker_every_time_is_stopped(image, settings):
         # Normalize is quick (a plan: milliseconds) and not announced on its own: the write that
         # would have started the encode sees the cancel, and the encode never runs.
         ("normalize", ["decode", "normalize"], ["decode"]),
+        # The store is quick too, and the last stage: the completion sees the cancel instead.
+        ("store", IMAGE_RUNS, ["decode", "normalize", "encode"]),
     ],
 )
 def test_a_cancel_during_a_stage_stops_the_task_before_the_next(image, monkeypatch, during, ran, announced):
@@ -111,12 +116,15 @@ def test_a_cancel_during_a_stage_stops_the_task_before_the_next(image, monkeypat
     assert (image.status, image.error_code) == ("Failed", "cancelled")
     assert runs == ran
     assert [row[0] for row in history(image)] == announced
-    assert not image.renditions.exists()
+    if during != "store":
+        assert not image.renditions.exists()
 
 
-def test_a_quick_stage_that_keeps_failing_is_tried_as_often_as_any_other(image, monkeypatch, settings):
+@pytest.mark.parametrize("quick", ["normalize", "store"])
+def test_a_quick_stage_that_keeps_failing_is_tried_as_often_as_any_other(image, monkeypatch, settings, quick):
     """A quick stage is not announced when it starts; when it fails for something a retry can
-    fix, it is announced before the retry, so that its deliveries are counted like any stage's."""
+    fix, it is announced before the retry, so that its deliveries are counted like any stage's
+    (the store, the last stage, as the normalize between two others)."""
     from tasks.stages import fused
 
     real_run = bindings.run
@@ -124,7 +132,7 @@ def test_a_quick_stage_that_keeps_failing_is_tried_as_often_as_any_other(image, 
 
     def run(ctx: Any) -> Any:
         runs.append(ctx.stage)
-        if ctx.stage == "normalize":
+        if ctx.stage == quick:
             raise ConnectionError("storage blinked")
         return real_run(ctx)
 
@@ -133,11 +141,11 @@ def test_a_quick_stage_that_keeps_failing_is_tried_as_often_as_any_other(image, 
 
     image.refresh_from_db()
     assert image.status == "Failed"
-    assert runs.count("normalize") == settings.MEDIA_MAX_ATTEMPTS
-    assert [row[1:] for row in history(image) if row[0] == "normalize"] == [
-        ("normalize started", 1),
-        ("normalize started (attempt 2)", 2),
-        ("normalize started (attempt 3)", 3),
+    assert runs.count(quick) == settings.MEDIA_MAX_ATTEMPTS
+    assert [row[1:] for row in history(image) if row[0] == quick] == [
+        (f"{quick} started", 1),
+        (f"{quick} started (attempt 2)", 2),
+        (f"{quick} started (attempt 3)", 3),
     ]
 
 
