@@ -58,7 +58,7 @@ def _final(*items: MediaItem) -> bool:
 
 
 def test_a_worker_killed_mid_encode_is_redelivered_and_completes_once(celery_worker, make_item, tmp_path):
-    item = make_item(lavfi_video(tmp_path / "long.mp4", seconds=20, size="1280x720"))
+    item = make_item(lavfi_video(tmp_path / "long.mp4", seconds=8, size="1280x720"))
     media_processing_start(item=item)
     wait_for(lambda: _encoding(item, 1), timeout=60, what="the encode to start")
     ffmpeg = wait_for(lambda: _kill_encoding_child(celery_worker), timeout=30, what="ffmpeg under a pool process")
@@ -76,7 +76,7 @@ def test_a_worker_killed_mid_encode_is_redelivered_and_completes_once(celery_wor
 
 
 def test_a_file_that_kills_its_worker_every_time_fails_after_three_attempts(celery_worker, make_item, tmp_path):
-    poison = make_item(lavfi_video(tmp_path / "poison.mp4", seconds=20, size="1280x720"))
+    poison = make_item(lavfi_video(tmp_path / "poison.mp4", seconds=8, size="1280x720"))
     media_processing_start(item=poison)
     for attempt in (1, 2, 3):
         wait_for(lambda a=attempt: _encoding(poison, a), timeout=90, what=f"encode attempt {attempt}")
