@@ -171,7 +171,7 @@ def _broker() -> redis.Redis:
 def test_a_worker_killed_whole_mid_encode_is_picked_up_by_the_watchdog_and_completes_once(
     celery_worker, make_item, tmp_path, settings: Any
 ):
-    item = make_item(lavfi_video(tmp_path / "long.mp4", seconds=8, size="1280x720"))
+    item = make_item(lavfi_video(tmp_path / "long.mp4", seconds=20, size="1280x720"))
     media_processing_start(item=item)
     wait_for(
         lambda: _item_ffmpeg(item) and (item.refresh_from_db() or item.stage == "encode"),
@@ -226,7 +226,7 @@ def test_a_worker_killed_whole_mid_encode_is_picked_up_by_the_watchdog_and_compl
 @pytest.mark.postgres
 @pytest.mark.worker
 def test_an_encode_that_stops_making_progress_is_killed_and_resumed(celery_worker, make_item, tmp_path, settings):
-    item = make_item(lavfi_video(tmp_path / "hang.mp4", seconds=6, size="1280x720"))
+    item = make_item(lavfi_video(tmp_path / "hang.mp4", seconds=12, size="1280x720"))
     media_processing_start(item=item)
     (line,) = wait_for(
         lambda: _item_ffmpeg(item) and (item.refresh_from_db() or item.stage == "encode") and _item_ffmpeg(item),
