@@ -313,9 +313,10 @@ def run_fused(
         # the write of the next stage's start, or of the completion when the last one is among
         # them: a watcher could not see them, the history still does.
         passed: list[tuple[str, StageRun]] = []
-        if n + 1 < len(todo) and bindings.is_quick(item.kind, todo[n + 1]) and not _still_at(item_id, stage):
-            # Cancelled (or failed) while it ran: no write would tell the quick stages so before
-            # the store copied the outputs of an item nobody wants. A read, not a write.
+        rest = todo[n + 1 :]
+        if rest and all(bindings.is_quick(item.kind, st) for st in rest) and not _still_at(item_id, stage):
+            # Cancelled (or failed) while it ran, and only quick stages are left: no write would
+            # tell them so before the store copied the outputs of an item nobody wants. A read.
             log_run(task, item_id, stage, attempt, ran, False)
             raise Ignore()
         while n + 1 < len(todo) and bindings.is_quick(item.kind, todo[n + 1]):
