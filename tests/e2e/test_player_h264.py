@@ -24,19 +24,30 @@ pytestmark = pytest.mark.worker
 FALLBACK_ON = json.dumps({"video": {"h264_fallback": True}})
 
 
-@pytest.fixture
-def fallback_worker(celery_worker: Worker) -> Iterator[Worker]:
+@pytest.fixture(scope="module")
+def _fallback_session(_worker_session: Worker, django_db_blocker: Any) -> Iterator[Worker]:
     """The test run's worker, restarted with the fallback on in its profile (the operator's
-    ``MEDIA_PROFILES``); put back as it was afterwards (the next test's ``celery_worker`` starts
-    it again)."""
-    celery_worker.stop()
-    celery_worker.env = {**celery_worker.env, "MEDIA_PROFILES": FALLBACK_ON}
-    celery_worker.start()
+    ``MEDIA_PROFILES``) once for this module's tests, which all want it (not stopped and started
+    twice per test); put back as it was afterwards (the next test's ``celery_worker`` starts it
+    again)."""
+    with django_db_blocker.unblock():
+        _worker_session.stop()
+        _worker_session.env = {**_worker_session.env, "MEDIA_PROFILES": FALLBACK_ON}
+        _worker_session.start()
     try:
-        yield celery_worker
+        yield _worker_session
     finally:
-        celery_worker.stop()
-        celery_worker.env = {k: v for k, v in celery_worker.env.items() if k != "MEDIA_PROFILES"}
+        _worker_session.stop()
+        _worker_session.env = {k: v for k, v in _worker_session.env.items() if k != "MEDIA_PROFILES"}
+
+
+@pytest.fixture
+def fallback_worker(_fallback_session: Worker, celery_worker: Worker) -> Worker:
+    """The worker with the fallback on, running (``celery_worker`` starts it again, fallback and
+    all, if a test stopped it)."""
+    assert celery_worker is _fallback_session
+    assert celery_worker.env.get("MEDIA_PROFILES") == FALLBACK_ON
+    return celery_worker
 
 
 @pytest.fixture
