@@ -25,10 +25,10 @@ from tests.media import drawn_image, lavfi_audio, lavfi_video
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
 
-@pytest.fixture
-def two_hosts(_worker_session: Worker) -> Any:
+@pytest.fixture(scope="module")
+def _two_hosts(_worker_session: Worker) -> Any:
     """Hosts a and b (one task at a time each, so chains interleave); the suite's own worker is
-    stopped meanwhile, so every stage runs on one of the two."""
+    stopped meanwhile, so every stage runs on one of the two. Started once for the module."""
     _worker_session.stop()
     hosts = {}
     for name in ("a", "b"):
@@ -39,6 +39,16 @@ def two_hosts(_worker_session: Worker) -> Any:
     yield hosts
     for host in hosts.values():
         host.stop()
+
+
+@pytest.fixture
+def two_hosts(_two_hosts: dict[str, Worker]) -> dict[str, Worker]:
+    """Both hosts running: one a test killed is started again here, before the next test that
+    needs it."""
+    for host in _two_hosts.values():
+        if not host.is_running():
+            host.start()
+    return _two_hosts
 
 
 def submit(server: Any, auth: dict[str, str], path: Path, content_type: str) -> str:
@@ -154,7 +164,8 @@ def test_a_host_killed_during_an_encode_loses_nothing(two_hosts, asgi_server, ma
         item = MediaItem.objects.get(pk=item_id)
         return item if item.is_final else None
 
-    item = wait_for(recovered, timeout=300, what="the other host to finish the item", interval=2)
+    # A pass costs nothing until the item has been quiet for WATCHDOG_LOST_SECONDS: one a second.
+    item = wait_for(recovered, timeout=300, what="the other host to finish the item", interval=1)
     assert item.status == "Completed", (item.error_code, item.error_message)
     one_set_of_outputs(item)
     survivor = "b" if victim == "a" else "a"
