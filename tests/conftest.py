@@ -118,8 +118,12 @@ class Worker(_Logged):
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        from config.celery import app
+        self.launch()
+        self.wait_ready()
 
+    def launch(self) -> None:
+        """Start the process without waiting for it to answer (``wait_ready``): workers launched
+        together boot side by side (see ``start_workers``)."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.name = f"test-{os.getpid()}-{time.monotonic_ns()}@localhost"
         cmd = [
@@ -149,6 +153,10 @@ class Worker(_Logged):
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
+
+    def wait_ready(self) -> None:
+        from config.celery import app
+
         wait_for(lambda: self._alive() and app.control.ping([self.name], timeout=0.5), timeout=60, what="the worker")
 
     def _alive(self) -> bool:
@@ -162,8 +170,17 @@ class Worker(_Logged):
         return [int(p) for p in out.split()]
 
     def stop(self) -> None:
+        self.terminate()
+        self.wait_stopped()
+
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM to the group) without waiting for it (``wait_stopped``)."""
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def wait_stopped(self) -> None:
+        """The process has exited: after ``terminate``, up to 30 s, then SIGKILL."""
+        if self.proc and self.proc.poll() is None:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -172,6 +189,21 @@ class Worker(_Logged):
 
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def replace_workers(stopping: list[Worker], starting: list[Worker]) -> None:
+    """Stop ``stopping`` and start ``starting``, their shutdowns and boots side by side (a worker
+    takes ~2 s to boot and ~1.5 s to shut down, mostly waiting): when this returns every one of
+    ``stopping`` has exited and every one of ``starting`` answers a ping. Nothing is sent to a
+    queue meanwhile, so the one kind cannot take the other's work."""
+    for worker in stopping:
+        worker.terminate()
+    for worker in starting:
+        worker.launch()
+    for worker in stopping:
+        worker.wait_stopped()
+    for worker in starting:
+        worker.wait_ready()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from PIL import Image
 from media_app import lifecycle
 from media_app.models import MediaItem, StatusEvent
 from media_app.services import item_group, media_processing_start
-from tests.conftest import RUN_DIR, GroupListener, Worker, wait_for
+from tests.conftest import RUN_DIR, GroupListener, Worker, replace_workers, wait_for
 from tests.media import drawn_image, lavfi_audio, lavfi_video
 
 pytestmark = pytest.mark.worker
@@ -136,16 +136,14 @@ def test_a_retryable_error_is_tried_three_times_then_fails(make_item, tmp_path, 
     item = make_item(lavfi_video(tmp_path / "clip.mp4", seconds=6, size="640x360"))
     os.environ["MEDIA_PROFILES"] = '{"limits": {"wall_seconds": 0.3}}'
     try:
-        _worker_session.stop()  # only the tiny-limit worker may take this item
-        env_worker.start()
+        replace_workers([_worker_session], [env_worker])  # only the tiny-limit worker may take this item
     finally:
         del os.environ["MEDIA_PROFILES"]
     try:
         media_processing_start(item=item)
         wait_for(lambda: _finished(item), timeout=120, what="the item to fail")
     finally:
-        env_worker.stop()
-        _worker_session.start()
+        replace_workers([env_worker], [_worker_session])
 
     assert (item.status, item.error_code) == ("Failed", "timeout")
     attempts = list(

@@ -20,7 +20,7 @@ from django.core.files.storage import default_storage
 from rest_framework.authtoken.models import Token
 
 from media_app.models import FINAL_STATUSES, MediaItem
-from tests.conftest import RUN_DIR, Worker, wait_for
+from tests.conftest import RUN_DIR, Worker, replace_workers, wait_for
 from tests.media import lavfi_video
 from tests.tasks.test_two_hosts import one_set_of_outputs, submit
 
@@ -34,17 +34,15 @@ PROFILES = {"video": {"chunk_seconds": 20, "threads": 1}}
 def _chunking_hosts(_worker_session: Worker) -> Any:
     """Hosts a and b, each with a WORK_ROOT of its own, one task at a time, 20 s chunks (started
     once for the module)."""
-    _worker_session.stop()
     hosts = {}
     for name in ("a", "b"):
         work = RUN_DIR / f"chunk-host-{name}" / "work"
         work.mkdir(parents=True, exist_ok=True)
         env = {"WORK_ROOT": str(work), "MEDIA_PROFILES": json.dumps(PROFILES)}
         hosts[name] = Worker(RUN_DIR / "logs" / f"chunk-host-{name}.log", env=env, concurrency=1)
-        hosts[name].start()
+    replace_workers([_worker_session], list(hosts.values()))
     yield hosts
-    for host in hosts.values():
-        host.stop()
+    replace_workers(list(hosts.values()), [])
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from PIL import Image
 from rest_framework.authtoken.models import Token
 
 from media_app.models import FINAL_STATUSES, MediaItem
-from tests.conftest import RUN_DIR, Worker, wait_for
+from tests.conftest import RUN_DIR, Worker, replace_workers, wait_for
 from tests.media import drawn_image, lavfi_audio, lavfi_video
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
@@ -29,16 +29,14 @@ pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 def _two_hosts(_worker_session: Worker) -> Any:
     """Hosts a and b (one task at a time each, so chains interleave); the suite's own worker is
     stopped meanwhile, so every stage runs on one of the two. Started once for the module."""
-    _worker_session.stop()
     hosts = {}
     for name in ("a", "b"):
         work = RUN_DIR / f"host-{name}" / "work"
         work.mkdir(parents=True, exist_ok=True)
         hosts[name] = Worker(RUN_DIR / "logs" / f"host-{name}.log", env={"WORK_ROOT": str(work)}, concurrency=1)
-        hosts[name].start()
+    replace_workers([_worker_session], list(hosts.values()))
     yield hosts
-    for host in hosts.values():
-        host.stop()
+    replace_workers(list(hosts.values()), [])
 
 
 @pytest.fixture
