@@ -1104,14 +1104,13 @@
       player.on(dash.MediaPlayer.events.ERROR, () => progressive("the stream could not be played"));
       menu = qualityMenu(player, video);
       // The caption names what dash.js plays (VP9 or the operator's H.264/AAC where the browser
-      // refuses AV1 or Opus), not the download's codecs.
+      // refuses AV1 or Opus) and the size of the rung it plays, not the download's.
       const playing = () => {
         if (video.dataset.source !== "dash") return;
-        const names = ["video", "audio"].map((type) => {
-          const rep = player.getCurrentRepresentationForType(type);
-          return rep && rep.codecs ? dashCodecName(rep.codecs) : null;
-        }).filter(Boolean);
-        caption.textContent = `DASH stream (dash.js) · ${names.length ? names.join(" + ") : codecs}${dims}`;
+        const reps = ["video", "audio"].map((type) => player.getCurrentRepresentationForType(type));
+        const names = reps.map((rep) => (rep && rep.codecs ? dashCodecName(rep.codecs) : null)).filter(Boolean);
+        const rung = reps[0] && reps[0].width ? ` · ${reps[0].width}×${reps[0].height}` : dims;
+        caption.textContent = `DASH stream (dash.js) · ${names.length ? names.join(" + ") : codecs}${rung}`;
       };
       player.on(dash.MediaPlayer.events.QUALITY_CHANGE_RENDERED, playing);
       player.on(dash.MediaPlayer.events.TRACK_CHANGE_RENDERED, playing);
