@@ -391,8 +391,9 @@ class Recording:
 
     def __init__(self, path: Path, *, max_seconds: float = float("inf")) -> None:
         self.path = path
-        # Frames that arrive later than this after the first are not written: the session is
-        # over its length (the monitor ends it), and the file holds exactly the limit.
+        # Frames that arrive later than this after the first, or that lie past it by their own
+        # times, are not written: the session is over its length (the monitor ends it), and the
+        # file holds exactly the limit.
         self.max_seconds = max_seconds
         self.full = False
         self.tracks: list[_Track] = []
@@ -529,6 +530,12 @@ class Recording:
     def _write(self, t: _Track, data: bytes, ext: int, key: bool) -> None:
         pts = round((self._wall(t, ext) - self.origin) * 1000)
         pts = max(pts, t.last_pts + 1, 0)  # never backwards within a track
+        if pts >= self.max_seconds * 1000:
+            # Past the limit by the sender's clock, whenever it arrived: frames that came late
+            # and then in a burst (a busy server, a network that stalled) must not stretch the
+            # file past the limit that arrival times alone would allow.
+            self.full = True
+            return
         t.last_pts = pts
         self.count += 1
         heapq.heappush(self.pending, (pts, self.count, t, data, key))
