@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -39,6 +40,44 @@ def _check_visibility_timeout() -> None:
 
 
 _check_visibility_timeout()
+
+
+def _survive_a_closing_redis_channel() -> None:
+    """Keep the worker alive when Redis goes away while it holds unacknowledged messages.
+
+    On a lost broker connection Celery closes the connection, and kombu's Redis channel puts
+    its unacknowledged messages back (``restore_unacked``). When the transport has already let
+    go of its connection settings and the channel has no pool yet, kombu tries to build a pool
+    from nothing and raises ``AttributeError``, which Celery treats as unrecoverable: the worker
+    exits, and nothing is processed until someone restarts it (a CI run saw 13 of 20 items wait
+    forever after a Redis restart). Those messages cannot be put back over a connection that does
+    not exist anyway; they stay in Redis's unacknowledged set, which kombu restores after the
+    visibility timeout, and the watchdog resumes their items long before.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.QoS.restore_unacked
+    if getattr(original, "survives_closing", False):
+        return
+    logger = logging.getLogger("config.celery")
+
+    def restore_unacked(self: Any, client: Any = None) -> Any:
+        channel = self.channel
+        if client is None and channel._pool is None and getattr(channel.connection, "client", None) is None:
+            logger.warning(
+                "%d unacknowledged message(s) left in Redis: the broker connection closed first; "
+                "the watchdog resumes their items",
+                len(self._delivered),
+            )
+            self._delivered.clear()
+            return None
+        return original(self, client)
+
+    restore_unacked.survives_closing = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked
+
+
+_survive_a_closing_redis_channel()
 
 _TASK_EVENTS = os.environ.get("CELERY_TASK_EVENTS", "").lower() in ("1", "true", "yes", "on")
 

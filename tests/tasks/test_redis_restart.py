@@ -166,3 +166,31 @@ def test_twenty_items_survive_a_redis_restart_with_nothing_lost_or_doubled(
     assert MediaItem.objects.count() == len(items)
     recovered = StatusEvent.objects.filter(message__startswith="Watchdog:").values_list("item_id", flat=True)
     print(f"before the restart: {dict(before)}; requeued by the watchdog: {len(set(recovered))}")
+
+
+def test_a_channel_closing_after_redis_went_away_does_not_take_the_worker_down(own_redis, caplog):
+    """What killed a worker in a CI run: Redis went away while the worker held an unacknowledged
+    message; Celery closed the connection, and kombu's Redis channel, whose transport had
+    already dropped its connection settings and which had no pool yet, raised AttributeError
+    while putting the message back: "Unrecoverable error", the worker exited, and 13 of 20
+    items waited forever. Now the message is left in Redis (kombu restores it after the
+    visibility timeout; the watchdog resumes its item first) and the close goes on."""
+    import kombu
+
+    import config.celery  # noqa: F401 - installs the guard, as every process of ours does
+
+    conn = kombu.Connection(own_redis.url)
+    channel = conn.default_channel
+    queue = kombu.Queue("closing-race", channel=channel)
+    queue.declare()
+    kombu.Producer(channel).publish({"n": 1}, routing_key="closing-race")
+    assert queue.get(no_ack=False) is not None  # delivered, not acknowledged
+    # The state the lost connection left behind: no pool yet, the transport's settings gone.
+    channel._pool = None
+    conn.transport.client = None
+
+    channel.close()  # raised AttributeError: 'NoneType' object has no attribute 'hostname'
+
+    assert "1 unacknowledged message(s) left in Redis" in caplog.text
+    unacked = redis.Redis.from_url(own_redis.url).hlen("unacked")
+    assert unacked == 1  # still in Redis, for kombu's restore after the visibility timeout
