@@ -19,6 +19,7 @@ pytestmark = pytest.mark.worker
 
 # A browser without an AV1 decoder.
 NO_AV1 = refusing("av01")
+TIMES = "\N{MULTIPLICATION SIGN}"  # as the page writes a size
 
 
 @pytest.fixture
@@ -89,13 +90,13 @@ def test_a_throttled_network_switches_down_and_playback_goes_on(
     menu.select_option(index=1)  # the top rung, by hand
     expect(video).to_have_attribute("data-representation", "1280x720", timeout=60_000)
     caption = card.locator("figcaption")
-    expect(caption).to_contain_text("· 1280×720")
+    expect(caption).to_contain_text(f"· 1280{TIMES}720")
     menu.select_option("auto")  # dash.js's rules, which see the slow downloads, take over
     expect(video).not_to_have_attribute("data-representation", "1280x720", timeout=60_000)
     # The caption names the rung that plays now, not the download's size.
-    playing = (video.get_attribute("data-representation") or "").replace("x", "×")
+    playing = (video.get_attribute("data-representation") or "").replace("x", TIMES)
     expect(caption).to_contain_text(f"· {playing}")
-    expect(caption).not_to_contain_text("1280×720")
+    expect(caption).not_to_contain_text(f"1280{TIMES}720")
     at = video.evaluate("v => v.currentTime")
     page.wait_for_function("([v, t]) => v.currentTime > t + 0.5", arg=[video.element_handle(), at], timeout=60_000)
     shots.take(page, "switched-down")
