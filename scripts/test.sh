@@ -19,8 +19,9 @@
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 ensure_venv
-# The suite starts its own redis-server when none answers on 127.0.0.1:6379.
-redis_reachable || ensure_redis_binary
+# The suite starts its own redis-server when none answers on 127.0.0.1:6379, and the Redis-restart
+# test always starts one of its own: the binary must be there either way.
+ensure_redis_binary
 # Browser tests (tests/e2e) drive Debian's chromium through Playwright.
 command -v chromium >/dev/null || { log "installing chromium"; apt_install chromium; }
 # The upload page's ffmpeg.wasm (tests/e2e/test_wasm.py), from the npm registry, pinned.

@@ -102,7 +102,7 @@ def _normalize(ctx: StageContext) -> Any:
         profiles=profiles(),
         limits=_limits(),
         progress=ctx.progress,
-        decoded=ctx.result("decode", av.DecodeResult),  # a loudness an earlier version measured
+        decoded=ctx.result("decode", av.DecodeResult),  # packets' length; an earlier version's loudness
     )
 
 
