@@ -26,6 +26,9 @@ SECTIONS = ("video", "ladder", "audio", "images", "thumbnails", "throughput", "w
 # The quick run keeps to issue 17's table and what is cheap; the ladder (issue 18) and the
 # split encode over two hosts (issue 12) take minutes each: `make bench`, or `--only` them.
 FULL_ONLY = ("ladder", "chunked")
+# Run only when named: the full run's websocket section holds these rows already.
+# "websocket-spread": the 1-subscriber baseline and the row over several web processes alone.
+NAMED_ONLY = ("websocket-spread",)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ FULL = Plan((720, 1080), 3, 3, 5, 11, 5, (720, 1080), 11, 200, (1, 100, 250, 500
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the short run (< 3 minutes on 2 cores)")
-    parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
+    parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS + NAMED_ONLY)}")
     parser.add_argument(
         "--out",
         type=Path,
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     # A run leaves the working tree as it was, unless its figures are meant to be committed.
     args.out = args.out or (RESULTS if args.commit_results else RESULTS / "tmp")
     only = [s for s in args.only.split(",") if s] or [s for s in SECTIONS if not (args.quick and s in FULL_ONLY)]
-    unknown = set(only) - set(SECTIONS)
+    unknown = set(only) - set(SECTIONS) - set(NAMED_ONLY)
     if unknown:
         parser.error(f"unknown sections: {sorted(unknown)}")
     plan = QUICK if args.quick else FULL
@@ -157,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: live.websocket_section(
                     report, server, counts=list(plan.ws_counts), items=plan.ws_items, spread=plan.ws_spread
                 ),
+                profile=True,
+                pid=server.proc.pid,  # type: ignore[union-attr]
+            )
+            attempt(
+                "websocket-spread",
+                lambda: live.websocket_section(report, server, counts=[1], items=plan.ws_items, spread=FULL.ws_spread),
                 profile=True,
                 pid=server.proc.pid,  # type: ignore[union-attr]
             )
