@@ -155,6 +155,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     if test_name:
         DATABASES["default"]["TEST"] = {"NAME": test_name}
 DATABASES["default"]["ATOMIC_REQUESTS"] = False
+# A Celery worker process keeps its connection across tasks for this many seconds (None: no
+# limit), checked with a ``SELECT 1`` before its first use in a task and replaced if dead; 0
+# reconnects for every task, as before. Workers only (config/celery.py): the web stays at 0.
+_worker_conn_age = env.str("WORKER_DB_CONN_MAX_AGE", default="600")
+WORKER_DB_CONN_MAX_AGE = None if _worker_conn_age.lower() == "none" else int(_worker_conn_age)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
