@@ -345,6 +345,8 @@ WORK_FAILED_KEEP_SECONDS = env.int("WORK_FAILED_KEEP_SECONDS", default=7 * 24 * 
 # in no queue for WATCHDOG_LOST_SECONDS was lost (worker killed, broker restarted): requeued.
 WATCHDOG_STALL_SECONDS = env.int("WATCHDOG_STALL_SECONDS", default=900)
 WATCHDOG_LOST_SECONDS = env.int("WATCHDOG_LOST_SECONDS", default=120)
+# How long a snapshot waits for a worker that heard its ping and has not answered (on Redis it
+# ends as soon as every worker the ping reached answered: milliseconds, unless one is hung).
 WATCHDOG_INSPECT_TIMEOUT = env.float("WATCHDOG_INSPECT_TIMEOUT", default=1.0)
 WATCHDOG_INTERVAL_SECONDS = env.int("WATCHDOG_INTERVAL_SECONDS", default=60)
 # A chain publishes its next stage when a stage ends; Celery's default (3 retries in 0.6 s)

@@ -13,6 +13,7 @@ replaced, not added, and every stage stops on a final item.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -30,6 +31,7 @@ from django.conf import settings
 from django.core.files.storage import default_storage
 from django.db.models import Q
 from django.utils import timezone
+from kombu.utils import json as kombu_json
 
 from media_app import jobs, lifecycle
 from media_app.jobs import PROCESS_TASK
@@ -138,8 +140,7 @@ def take_snapshot(app: Any = None, *, timeout: float | None = None) -> Snapshot:
     timeout = settings.WATCHDOG_INSPECT_TIMEOUT if timeout is None else timeout
     snap = Snapshot()
     try:
-        pongs = app.control.ping(timeout=timeout) or []
-        names = [name for reply in pongs for name in reply]
+        names = _ping(app, timeout)
         if names:
             inspect = app.control.inspect(destination=names, timeout=timeout, limit=len(names))
             for method in (inspect.active, inspect.reserved, inspect.scheduled):
@@ -155,6 +156,52 @@ def take_snapshot(app: Any = None, *, timeout: float | None = None) -> Snapshot:
         snap.replied = False
     snap.queued, snap.unacked = _broker_messages(app)
     return snap
+
+
+class _EveryoneAnswered(Exception):
+    """Ends the wait for ping replies: every worker that heard the ping has answered."""
+
+
+def _ping(app: Any, timeout: float) -> list[str]:
+    """The names of the workers that answer a ping, as soon as every worker that heard it did.
+
+    Celery's ping collects replies until none came for ``timeout`` seconds: a full second per
+    snapshot (two in a pass that settles), though workers answer in milliseconds. On Redis a
+    broadcast is a PUBLISH, and Redis replies with the number of subscribers it reached: the
+    workers whose connection is alive now (a dead worker's subscription ends with its socket,
+    so it is not counted and not waited for). Once that many answered, no one else will. A
+    worker that heard the ping but does not answer (hung, overloaded) still costs the full
+    timeout and is left out, as before; so does any other broker, which gives no such count.
+    """
+    heard: list[int] = []  # receivers per PUBLISH of the ping (one topic: one number)
+    names: list[str] = []
+
+    def on_reply(reply: dict[str, Any]) -> None:
+        names.extend(reply)  # {hostname: {"ok": "pong"}}
+        if heard and len(names) >= sum(heard):
+            raise _EveryoneAnswered
+
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        mailbox = app.control.mailbox(conn)  # what app.control.ping uses, bound to this connection
+        if conn.transport.driver_type == "redis":
+            channel._put_fanout = _counting_put_fanout(channel, heard)
+            mailbox.producer_pool = None  # publish on this channel, not a pooled producer's
+        with contextlib.suppress(_EveryoneAnswered):
+            mailbox.multi_call("ping", timeout=timeout, callback=on_reply, channel=channel)
+    return names
+
+
+def _counting_put_fanout(channel: Any, heard: list[int]) -> Callable[..., None]:
+    """kombu's Redis ``Channel._put_fanout`` (one PUBLISH per topic), keeping what PUBLISH returns."""
+
+    def put_fanout(exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:
+        payload = kombu_json.dumps(message)
+        with channel.conn_or_acquire() as client:
+            for topic in channel._get_publish_topics(exchange, routing_key):
+                heard.append(int(client.publish(topic, payload)))
+
+    return put_fanout
 
 
 def _item_of(name: str, args: Any) -> str | None:
