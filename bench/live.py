@@ -31,6 +31,10 @@ from bench.harness import Report, Row, TreeSampler, check, median, pct, proc_cpu
 WS_MS = 250.0  # issue 6: subscribers one web process holds with the delay under 250 ms
 MB = 1 << 20
 ITEM_TIMEOUT = 60.0
+# The client processes of the row over several web processes: "lean" (bench/ws_client.py, one
+# thread on epoll, the default) or "asyncio" (the ``websockets`` library's client, as before; for
+# A/B runs of the measuring side itself).
+CLIENT = os.environ.get("BENCH_WS_CLIENT", "lean")
 
 
 def _session_headers(user: Any, server: Any) -> dict[str, str]:
@@ -183,8 +187,27 @@ def _client_process(
         w = subs.out
         reports.send(("result", (w.delays, w.received, sorted(w.events), stopped, closed)))
 
+    def lean() -> None:
+        from bench.ws_client import LeanSubscribers
+
+        subs = LeanSubscribers(url, headers, count)
+        subs.on_finished = lambda key: reports.send(("done", key))
+        subs.connect()
+        reports.send(("ready", cpu()))
+        subs.watch(commands.fileno())
+        while not subs.poll(1.0):
+            pass
+        commands.recv()  # "stop"
+        stopped = cpu()
+        subs.close()
+        figures = (subs.delays, subs.received, sorted(subs.events), stopped, subs.closed)
+        reports.send(("result", figures))
+
     try:
-        asyncio.run(main())
+        if CLIENT == "asyncio":
+            asyncio.run(main())
+        else:
+            lean()
     except BaseException as exc:
         traceback.print_exc()
         sys.stderr.flush()
@@ -427,7 +450,7 @@ def _spread_row(report: Report, server: Any, spread: tuple[int, int], paths: lis
                 c, n = watched.cpu, len(watched.delays)
                 per = (
                     f"; while events flowed ({c['wall']:.0f} s): CPU per message delivered: web "
-                    f"{c['web'] / n * 1e6:.0f} µs, clients {c['clients'] / n * 1e6:.0f} µs"
+                    f"{c['web'] / n * 1e6:.0f} µs, clients ({CLIENT}) {c['clients'] / n * 1e6:.0f} µs"
                 )
             extra = (
                 f"{processes} web processes, {total // processes} each; CPU busy: {busy}{per}; "
