@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageCms, ImageFile
 
-from pipelines import images
+from pipelines import images, sandbox
 from pipelines.errors import InvalidInput, MediaError, ProcessingTimeout, TooLarge, TransientError
 from pipelines.images import (
     DAMAGED,
@@ -632,7 +632,9 @@ def test_pillow_may_only_use_the_sniffed_plugin(
     out_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The child is forked, so it inherits this spy; it reports through a file.
+    # The child is forked from here (not from the fork server), so it inherits this spy; it
+    # reports through a file.
+    monkeypatch.setattr(sandbox, "FORK_SERVER", False)
     calls = tmp_path / "calls.txt"
     real_open = Image.open
 
@@ -664,6 +666,14 @@ def test_avif_upload_uses_pillows_avif_reader(tmp_path: Path, out_dir: Path) -> 
 # ---- the child process takes the blows
 
 
+@pytest.fixture
+def forked_from_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fork the decoder from this process, not from the sandbox's fork server: the faults these
+    tests inject by monkeypatching reach only a child of this process. (The fork server's own
+    handling of the same faults: tests/pipelines/test_sandbox.py.)"""
+    monkeypatch.setattr(sandbox, "FORK_SERVER", False)
+
+
 def _crash(*args: object) -> None:
     faulthandler.disable()  # pytest's handler would print the child's stack: expected, but noisy
     os.kill(os.getpid(), signal.SIGSEGV)
@@ -685,6 +695,7 @@ def _hang(*args: object) -> None:
     time.sleep(30)
 
 
+@pytest.mark.usefixtures("forked_from_here")
 def test_decoder_crash_is_contained(monkeypatch: pytest.MonkeyPatch, out_dir: Path) -> None:
     monkeypatch.setattr(images, "_check_size", _crash)
 
@@ -695,6 +706,7 @@ def test_decoder_crash_is_contained(monkeypatch: pytest.MonkeyPatch, out_dir: Pa
     assert caught.value.retryable
 
 
+@pytest.mark.usefixtures("forked_from_here")
 def test_decoder_out_of_memory_is_too_large(monkeypatch: pytest.MonkeyPatch, out_dir: Path) -> None:
     monkeypatch.setattr(images, "_check_size", _hog_memory)
     # The forked child starts with our address space; give it 512 MB more, and it asks for 8 GB.
@@ -705,6 +717,7 @@ def test_decoder_out_of_memory_is_too_large(monkeypatch: pytest.MonkeyPatch, out
         image_decode(REAL / "chelsea.png", out_dir, limits=profiles.limits)
 
 
+@pytest.mark.usefixtures("forked_from_here")
 def test_decoder_that_hangs_is_stopped(monkeypatch: pytest.MonkeyPatch, out_dir: Path) -> None:
     monkeypatch.setattr(images, "_check_size", _hang)
     profiles = Profiles.from_overrides({"limits": {"probe_wall_seconds": 1.0}})
@@ -716,6 +729,7 @@ def test_decoder_that_hangs_is_stopped(monkeypatch: pytest.MonkeyPatch, out_dir:
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.usefixtures("forked_from_here")
 def test_encoder_crash_is_contained(monkeypatch: pytest.MonkeyPatch, out_dir: Path) -> None:
     # Encode's child is reaped in the background once its whole result has arrived; one that dies
     # first is still waited for, and its signal reported.
@@ -729,8 +743,8 @@ def test_encoder_crash_is_contained(monkeypatch: pytest.MonkeyPatch, out_dir: Pa
     assert "SIGSEGV" in caught.value.detail
 
 
-def _children() -> list[str]:
-    """Our child processes, as ``pid state`` (``Z``: ended, not reaped)."""
+def _children(parent: int | None = None) -> list[str]:
+    """The child processes of ``parent`` (default: us), as ``pid state`` (``Z``: ended, not reaped)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -740,13 +754,17 @@ def _children() -> list[str]:
         except (FileNotFoundError, ProcessLookupError):
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == os.getpid():
+        if int(fields[1]) == (parent or os.getpid()):
             found.append(f"{entry.name} {fields[0]}")
     return found
 
 
-def test_encode_leaves_no_child_behind(out_dir: Path) -> None:
-    # Servers and workers that earlier tests' fixtures started are children too: only new ones count.
+@pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "forked-here"])
+def test_encode_leaves_no_child_behind(out_dir: Path, monkeypatch: pytest.MonkeyPatch, fork_server: bool) -> None:
+    monkeypatch.setattr(sandbox, "FORK_SERVER", fork_server)
+    # The fork server is a long-lived child by design, as are servers and workers that earlier
+    # tests' fixtures started: only new children count, ours and the fork server's.
+    server = sandbox.fork_server() if fork_server else None
     before = {entry.split()[0] for entry in _children()}
     _, _, result = process(REAL / "rommel.jpg", out_dir)
     for thread in threading.enumerate():
@@ -754,6 +772,12 @@ def test_encode_leaves_no_child_behind(out_dir: Path) -> None:
             thread.join(timeout=10)
 
     assert [entry for entry in _children() if entry.split()[0] not in before] == []
+    if server is not None:
+        # It reaps its decoders as they end (a moment after their result has reached us).
+        deadline = time.monotonic() + 10
+        while _children(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _children(server.pid) == []
     assert result.peak_rss_bytes > 50 * 1024**2  # the child's own report: it decoded a 7 MP photo
 
 

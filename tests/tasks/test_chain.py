@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from pathlib import Path
 
 import av
 import pytest
@@ -45,6 +46,35 @@ def test_image_upload_is_processed_by_the_worker(celery_worker, make_item, tmp_p
         (rendition,) = roles[role]
         with default_storage.open(rendition.storage_key) as fh, Image.open(fh) as img:
             assert img.format == fmt and img.size == (800, 600)
+
+
+def _proc(pid: int, name: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def test_pool_processes_decode_in_a_fork_server_of_their_own(celery_worker, make_item, tmp_path):
+    """Each pool process starts the sandbox's fork server when it starts; the decoders are forked
+    from that lean process, which has none of the worker's environment (database and broker
+    URLs, secret key)."""
+    item = make_item(drawn_image(tmp_path / "photo.jpg", size=(320, 240)))
+    assert media_processing_start(item=item)
+    wait_for(lambda: _finished(item), timeout=60, what="the image to finish")
+    assert item.status == "Completed", item.error_message
+
+    lean = {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "HOME", "TZ", "LD_LIBRARY_PATH"}
+    pools = celery_worker.pool_pids()
+    assert len(pools) == celery_worker.concurrency
+    for pool in pools:
+        children = _proc(pool, f"task/{pool}/children").split()
+        servers = [int(c) for c in children if b"pipelines.sandbox" in _proc(int(c), "cmdline")]
+        assert len(servers) == 1, f"pool process {pool}: children {children}"
+        pool_env = {e.split(b"=", 1)[0].decode() for e in _proc(pool, "environ").split(b"\0") if e}
+        server_env = {e.split(b"=", 1)[0].decode() for e in _proc(servers[0], "environ").split(b"\0") if e}
+        assert "DJANGO_SETTINGS_MODULE" in pool_env
+        assert server_env <= lean, server_env - lean
 
 
 def test_each_stage_logs_one_json_line_through_django_logging(celery_worker, make_item, tmp_path):

@@ -5,6 +5,7 @@ killed in the middle of an encode loses nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -146,11 +147,14 @@ def test_a_host_killed_during_an_encode_loses_nothing(two_hosts, asgi_server, ma
         if item.status != "Processing" or item.stage != "encode":
             return None
         for name, host in two_hosts.items():
-            # The pool process running the encode has an ffmpeg child.
+            # The pool process running the encode has an ffmpeg child (every pool process also has
+            # a child that is the sandbox's fork server).
             for pid in host.pool_pids():
                 children = Path(f"/proc/{pid}/task/{pid}/children")
-                if children.exists() and children.read_text().strip():
-                    return name
+                for child in children.read_text().split() if children.exists() else []:
+                    with contextlib.suppress(FileNotFoundError):
+                        if b"ffmpeg" in Path(f"/proc/{child}/cmdline").read_bytes():
+                            return name
         return None
 
     victim = wait_for(encoding_host, timeout=180, what="the encode to start")
