@@ -23,7 +23,20 @@ def thumbhash_file(path: Path) -> str:
     with Image.open(path) as img:
         img.draft("RGB", (SIDE * 4, SIDE * 4))  # JPEG: decode at a fraction of the size
         rgba = img.convert("RGBA")
-    rgba.thumbnail((SIDE, SIDE), Image.Resampling.BOX)
+    return thumbhash_image(rgba)
+
+
+def thumbhash_image(img: Image.Image) -> str:
+    """The base64 ThumbHash of an RGB or RGBA picture in memory, which is left as it is.
+
+    The image encode hashes the picture it is about to write: for a 12 MP photo that is ~1 ms
+    against 30-50 ms to decode the written WebP again (the placeholder is 32 px of blur; what
+    lossy encoding changes does not reach it).
+    """
+    factor = max(1, max(img.size) // (SIDE * 4))
+    small = img.reduce(factor) if factor > 1 else img.copy()
+    small.thumbnail((SIDE, SIDE), Image.Resampling.BOX)
+    rgba = small if small.mode == "RGBA" else small.convert("RGBA")
     return base64.b64encode(rgba_to_thumbhash(rgba.width, rgba.height, rgba.tobytes())).decode("ascii")
 
 

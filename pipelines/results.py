@@ -29,6 +29,7 @@ class Output:
     height: int | None = None
     duration: float | None = None
     bytes: int = 0
+    placeholder: str = ""  # base64 ThumbHash, when the stage that wrote the file made it
 
 
 def to_json(obj: Any) -> Any:

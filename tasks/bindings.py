@@ -283,10 +283,10 @@ PLACEHOLDER_ROLES = ("thumbnail", "image_webp")
 
 
 def _record(out: Output, key: str, path: Path | None = None) -> dict[str, Any]:
-    """A rendition row as ``store`` and ``previews`` write it; a picture's ThumbHash is taken from
-    the encoded file itself (``path``), so it shows what the page will load."""
-    placeholder = ""
-    if path is not None and out.role in PLACEHOLDER_ROLES:
+    """A rendition row as ``store`` and ``previews`` write it. A picture's ThumbHash is the one
+    the image encode made from the picture it wrote, else taken from the file (``path``)."""
+    placeholder = out.placeholder
+    if not placeholder and path is not None and out.role in PLACEHOLDER_ROLES:
         placeholder = thumbhash_file(path)
     return {
         "placeholder": placeholder,

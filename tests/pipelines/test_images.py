@@ -3,6 +3,7 @@ carries nothing private; what is hostile fails with a code and a sentence, never
 
 from __future__ import annotations
 
+import base64
 import faulthandler
 import io
 import os
@@ -27,6 +28,7 @@ from pipelines.images import (
     image_encode,
     image_normalize,
 )
+from pipelines.placeholder import thumbhash_file, thumbhash_to_rgba
 from pipelines.profiles import Profiles
 from pipelines.results import from_json, to_json
 
@@ -651,6 +653,21 @@ def test_pillow_may_only_use_the_sniffed_plugin(
 
     assert info.container == "png"
     assert calls.read_text().splitlines() == ["['PNG']", "['PNG']"]
+
+
+@pytest.mark.parametrize("name", ["rommel.jpg", "chelsea.png"])
+def test_the_webp_carries_a_placeholder_of_the_picture_it_holds(out_dir: Path, name: str) -> None:
+    """The encode hashes the picture it writes; the page shows the same blur as a hash of the
+    written file would give (the store no longer decodes the file for it)."""
+    _, _, result = process(REAL / name, out_dir)
+
+    roles = {o.role: o for o in result.outputs}
+    assert roles["image_avif"].placeholder == ""  # one placeholder per item: the WebP's
+    ours = thumbhash_to_rgba(base64.b64decode(roles["image_webp"].placeholder))
+    from_file = thumbhash_to_rgba(base64.b64decode(thumbhash_file(out_dir / roles["image_webp"].file)))
+    assert ours[:2] == from_file[:2]
+    differences = [abs(a - b) for a, b in zip(ours[2], from_file[2], strict=True)]
+    assert max(differences) <= 8 and sum(differences) / len(differences) <= 2, max(differences)
 
 
 def test_avif_upload_uses_pillows_avif_reader(tmp_path: Path, out_dir: Path) -> None:
