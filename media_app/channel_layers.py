@@ -83,7 +83,9 @@ class _FanOutShard(RedisSingleShardConnection):  # type: ignore[misc]
         for channel in members:
             direct = layer.direct.get(channel)
             if direct is not None and kind in direct[0]:
-                layer.run_eagerly(direct[1](decoded))
+                now = direct[2]
+                if now is None or not now(decoded):
+                    layer.run_eagerly(direct[1](decoded))
             else:
                 layer.channels[channel].put_nowait(decoded)
 
@@ -92,18 +94,32 @@ class _FanOutLoopLayer(RedisPubSubLoopLayer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._shards = [_FanOutShard(shard.host, self) for shard in self._shards]
-        # channel -> (event types, handler): see deliver_directly.
-        self.direct: dict[str, tuple[frozenset[str], Callable[[dict[str, Any]], Coroutine[Any, Any, None]]]] = {}
+        # channel -> (event types, handler, plain-call handler or None): see deliver_directly.
+        self.direct: dict[
+            str,
+            tuple[
+                frozenset[str],
+                Callable[[dict[str, Any]], Coroutine[Any, Any, None]],
+                Callable[[dict[str, Any]], bool] | None,
+            ],
+        ] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def deliver_directly(
-        self, channel: str, types: Iterable[str], handler: Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
+        self,
+        channel: str,
+        types: Iterable[str],
+        handler: Callable[[dict[str, Any]], Coroutine[Any, Any, None]],
+        *,
+        now: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
         """Hand events of ``types`` for ``channel`` straight to ``handler`` (``run_eagerly``) instead
         of queueing them for the consumer's receive loop. That loop costs a receive task,
         an ``asyncio.wait`` and Channels' dispatch (with a thread hop for the ORM) per message:
-        at 1,000 sockets, most of the web process's time (issue 17). ``handler`` must not raise."""
-        self.direct[channel] = (frozenset(types), handler)
+        at 1,000 sockets, most of the web process's time (issue 17). ``handler`` must not raise.
+        ``now``, if given, is tried first as a plain call (no coroutine): True means the event is
+        handled; False passes it on to ``handler``. It must not raise either."""
+        self.direct[channel] = (frozenset(types), handler, now)
 
     def stop_delivering_directly(self, channel: str) -> None:
         self.direct.pop(channel, None)

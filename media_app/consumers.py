@@ -270,9 +270,33 @@ class _StatusConsumer(LayerTolerantConsumer, AsyncJsonWebsocketConsumer):
         deliver_directly = getattr(self.channel_layer, "deliver_directly", None)
         if deliver_directly is not None:
             self._write_frame = frame_writer(self.scope.get(RAW_SEND))
-            deliver_directly(self.channel_name, {"media.status"}, self._deliver)
+            now = self._deliver_now if self._write_frame is not None else None
+            deliver_directly(self.channel_name, {"media.status"}, self._deliver, now=now)
 
     _write_frame: Callable[[bytes], bool] | None = None
+
+    def _deliver_now(self, event: dict[str, Any]) -> bool:
+        """``_deliver``'s common case as a plain call: no coroutine to create, start and finish per
+        socket per event (a fifth of the web process's CPU per message at 2,500 sockets, issue
+        17). True when the event is done with: written whole, or not newer than what the socket
+        has. False hands it to ``_deliver``, which checks again and goes through uvicorn's send
+        (waits or raises) as before; nothing is recorded as sent until it is. Never raises."""
+        try:
+            item, text, write = event["item"], event.get("text"), self._write_frame
+            if text is None or write is None:
+                return False
+            key, seq = item["id"], item["seq"]
+            if seq <= self.last_seq.get(key, -1):
+                return True
+            frame = event.get(FRAME)
+            if frame is None:
+                frame = event[FRAME] = text_frame(text)  # the event is shared: once per process
+            if not write(frame):
+                return False
+            self.last_seq[key] = seq
+            return True
+        except Exception:  # noqa: BLE001 - _deliver takes it, and logs what it cannot deliver
+            return False
 
     async def _deliver(self, event: dict[str, Any]) -> None:
         """``media_status`` for events handed over directly; the same checks, the fewest steps:

@@ -261,3 +261,43 @@ def test_a_frame_is_written_directly_only_when_uvicorn_would_send_at_once():
     assert write(b"four") is False
     assert proto.transport.written == [b"one"]
     assert frame_writer(lambda message: None) is None  # another server: its ASGI send only
+
+
+def test_the_plain_call_writes_what_it_can_and_hands_the_rest_to_the_coroutine():
+    # consumers._deliver_now: an event written at once records its seq; a stale one is dropped;
+    # a socket without room records nothing, so _deliver then sends the same event through
+    # uvicorn's send (which waits), and the socket still gets it once, in order.
+    from media_app.consumers import FRAME, RAW_SEND, MediaListConsumer, frame_writer, text_frame
+
+    proto = _open_protocol()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    consumer = MediaListConsumer()
+    consumer.scope = {RAW_SEND: send, "path": "/ws/media/"}
+    consumer.last_seq = {}
+    consumer._write_frame = frame_writer(proto.send)
+
+    def event(seq: int) -> dict[str, Any]:
+        text = json.dumps({"type": "media.status", "seq": seq, "item": {"id": "x", "seq": seq}})
+        return {"type": "media.status", "item": {"id": "x", "seq": seq}, "text": text}
+
+    first = event(1)
+    assert consumer._deliver_now(first) is True
+    assert proto.transport.written == [text_frame(first["text"])] and first[FRAME] == text_frame(first["text"])
+    assert consumer._deliver_now(event(1)) is True  # not newer: dropped, nothing written
+    assert len(proto.transport.written) == 1
+
+    proto.writable.clear()  # the client is not reading
+    second = event(2)
+    assert consumer._deliver_now(second) is False
+    assert consumer.last_seq == {"x": 1}  # not recorded as sent
+    asyncio.run(consumer._deliver(second))
+    assert sent == [{"type": "websocket.send", "text": second["text"]}]
+    assert consumer.last_seq == {"x": 2}
+    assert consumer._deliver_now(event(2)) is True and len(sent) == 1  # and only once
+
+    consumer._write_frame = None  # another server: the coroutine's ASGI send only
+    assert consumer._deliver_now(event(3)) is False
