@@ -154,6 +154,17 @@ def _server_fault(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionClosed | InvalidHandshake | ConnectionError)
 
 
+def _user_sys(pid: int) -> tuple[float, float]:
+    """CPU seconds a live process has spent in user space and in the kernel so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def _client_process(
     url: str, headers: dict[str, str], count: int, commands: Connection, reports: Connection, log: str
 ) -> None:
@@ -297,7 +308,7 @@ def _watch_spread(
     try:
         if not pump(lambda: done.get("ready", 0) == len(servers), time.monotonic() + 600):
             out.lost = "the clients did not connect within 600 s"
-        web_cpu = [proc_cpu(s.proc.pid) for s in servers]
+        web_cpu = [_user_sys(s.proc.pid) for s in servers]
         events_started = time.monotonic()
         for path in paths if not out.lost else []:
             item = stack.create(path, owner)
@@ -306,8 +317,10 @@ def _watch_spread(
             if not pump(lambda k=key: done.get(k, 0) == len(servers), time.monotonic() + ITEM_TIMEOUT):
                 out.lost = f"only {done.get(key, 0)} of {len(servers)} client processes saw every socket get Completed"
                 break
+        web_end = [_user_sys(s.proc.pid) for s in servers]
         out.cpu = {
-            "web": sum(proc_cpu(s.proc.pid) for s in servers) - sum(web_cpu),
+            "web": sum(sum(e) - sum(b) for b, e in zip(web_cpu, web_end, strict=True)),
+            "web_sys": sum(e[1] - b[1] for b, e in zip(web_cpu, web_end, strict=True)),
             "wall": time.monotonic() - events_started,
         }
         for client in clients:
@@ -450,7 +463,8 @@ def _spread_row(report: Report, server: Any, spread: tuple[int, int], paths: lis
                 c, n = watched.cpu, len(watched.delays)
                 per = (
                     f"; while events flowed ({c['wall']:.0f} s): CPU per message delivered: web "
-                    f"{c['web'] / n * 1e6:.0f} µs, clients ({CLIENT}) {c['clients'] / n * 1e6:.0f} µs"
+                    f"{c['web'] / n * 1e6:.0f} µs (kernel {c['web_sys'] / n * 1e6:.0f}), "
+                    f"clients ({CLIENT}) {c['clients'] / n * 1e6:.0f} µs"
                 )
             extra = (
                 f"{processes} web processes, {total // processes} each; CPU busy: {busy}{per}; "
