@@ -457,7 +457,10 @@ def _spread_row(report: Report, server: Any, spread: tuple[int, int], paths: lis
                     )  # fmt: skip
                     raise
             wall = time.monotonic() - started
-            busy = ", ".join(f"{(proc_cpu(s.proc.pid) - cpu[s.proc.pid]) / wall:.0%}" for s in servers)
+            busy = ", ".join(
+                f"{(proc_cpu(s.proc.pid) - cpu[s.proc.pid]) / wall:.0%}" if s.proc.poll() is None else "exited"
+                for s in servers
+            )
             per = ""
             if watched.cpu.get("wall") and watched.delays:
                 c, n = watched.cpu, len(watched.delays)
