@@ -35,6 +35,8 @@ ITEM_TIMEOUT = 60.0
 # thread on epoll, the default) or "asyncio" (the ``websockets`` library's client, as before; for
 # A/B runs of the measuring side itself).
 CLIENT = os.environ.get("BENCH_WS_CLIENT", "lean")
+# A directory: py-spy records each web process of that row while the events flow (ws-web-<i>.raw).
+PROFILE_DIR = os.environ.get("BENCH_WS_PROFILE", "")
 
 
 def _session_headers(user: Any, server: Any) -> dict[str, str]:
@@ -308,16 +310,25 @@ def _watch_spread(
     try:
         if not pump(lambda: done.get("ready", 0) == len(servers), time.monotonic() + 600):
             out.lost = "the clients did not connect within 600 s"
+        profiles = contextlib.ExitStack()
+        if PROFILE_DIR:  # py-spy on each web process while the events flow, the connecting left out
+            from bench.profile import WorkerProfile
+
+            for i, s in enumerate(servers):
+                profiles.enter_context(WorkerProfile(s.proc.pid, Path(PROFILE_DIR) / f"ws-web-{i}.raw"))
         web_cpu = [_user_sys(s.proc.pid) for s in servers]
         events_started = time.monotonic()
-        for path in paths if not out.lost else []:
-            item = stack.create(path, owner)
-            key = str(item.pk)
-            stack.enqueue(item)
-            if not pump(lambda k=key: done.get(k, 0) == len(servers), time.monotonic() + ITEM_TIMEOUT):
-                out.lost = f"only {done.get(key, 0)} of {len(servers)} client processes saw every socket get Completed"
-                break
-        web_end = [_user_sys(s.proc.pid) for s in servers]
+        with profiles:
+            for path in paths if not out.lost else []:
+                item = stack.create(path, owner)
+                key = str(item.pk)
+                stack.enqueue(item)
+                if not pump(lambda k=key: done.get(k, 0) == len(servers), time.monotonic() + ITEM_TIMEOUT):
+                    out.lost = (
+                        f"only {done.get(key, 0)} of {len(servers)} client processes saw every socket get Completed"
+                    )
+                    break
+            web_end = [_user_sys(s.proc.pid) for s in servers]
         out.cpu = {
             "web": sum(sum(e) - sum(b) for b, e in zip(web_cpu, web_end, strict=True)),
             "web_sys": sum(e[1] - b[1] for b, e in zip(web_cpu, web_end, strict=True)),
