@@ -236,7 +236,11 @@ class _ForkServer:
             finally:
                 os.close(write_fd)
                 their_status.close()
-            pid, pidfd = _receive_pid(status)
+            try:
+                pid, pidfd = _receive_pid(status)
+            except BaseException:
+                _kill_unseen(status)
+                raise
             try:
                 # The server reaps. Once the whole result is here, how the child then ended (its
                 # teardown, 1-2 ms) changes nothing: only a child that did not finish is waited for.
@@ -258,8 +262,8 @@ def _lean_environment() -> dict[str, str]:
     return {key: os.environ[key] for key in keep if key in os.environ}
 
 
-def _receive_pid(status: socket.socket) -> tuple[int, int | None]:
-    ready, _, _ = select.select([status], [], [], _START_SECONDS)
+def _receive_pid(status: socket.socket, seconds: float = _START_SECONDS) -> tuple[int, int | None]:
+    ready, _, _ = select.select([status], [], [], seconds)
     if not ready:
         raise TransientError("The decoder did not start.", detail=f"no fork within {_START_SECONDS:.0f} s")
     message, fds, _, _ = socket.recv_fds(status, _PID.size, 1)
@@ -268,6 +272,17 @@ def _receive_pid(status: socket.socket) -> tuple[int, int | None]:
             os.close(fd)
         raise _ServerGone
     return _PID.unpack(message)[0], (fds[0] if fds else None)
+
+
+def _kill_unseen(status: socket.socket) -> None:
+    """The call gave up before it learnt its child's pid (the worker's soft time limit, a slow
+    server): the server forks right after it reads the request, so wait a moment for the pid and
+    kill the child, which would otherwise run on with nobody to read its result."""
+    with contextlib.suppress(Exception):
+        pid, pidfd = _receive_pid(status, seconds=2.0)
+        _kill(pid, pidfd)
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _receive_status(status: socket.socket) -> tuple[int, int] | None:

@@ -73,6 +73,11 @@ def _hang() -> None:
     time.sleep(60)
 
 
+def _tell_pid_and_hang(path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(60)
+
+
 def _hog_memory() -> None:
     bytearray(8 * 1024**3)
 
@@ -249,3 +254,36 @@ def test_server_ends_with_the_process_that_started_it() -> None:
     server_pid = int(done.stdout.split()[0])
 
     assert _gone(server_pid)
+
+
+def test_a_call_interrupted_before_its_child_is_known_kills_that_child(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The worker's soft time limit can interrupt a call while it waits for the server to say
+    which child it forked: that child must not run on (up to its wall limit) with nobody to read it."""
+    real = sandbox._receive_pid
+    calls: list[int] = []
+
+    class SoftTimeLimit(Exception):
+        pass
+
+    def interrupted_once(status: socket.socket, seconds: float = 60.0) -> tuple[int, int | None]:
+        calls.append(0)
+        if len(calls) == 1:
+            raise SoftTimeLimit
+        pid, pidfd = real(status, seconds)
+        calls.append(pid)  # the sandbox learnt it after all (to kill it)
+        return pid, pidfd
+
+    monkeypatch.setattr(sandbox, "_receive_pid", interrupted_once)
+    pid_file = tmp_path / "child.pid"
+
+    with pytest.raises(SoftTimeLimit):
+        sandbox.run_isolated(_tell_pid_and_hang, str(pid_file), limits=LIMITS)
+
+    if len(calls) < 3:  # it did not ask: the child tells its pid itself, as it starts to hang
+        deadline = time.monotonic() + 10
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        calls.append(int(pid_file.read_text()))
+    assert _gone(calls[-1])
