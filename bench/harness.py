@@ -113,13 +113,32 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def cpu_now() -> float:
-    """CPU seconds of this process (all threads) and of its reaped children (ffmpeg, sandboxes).
+    """CPU seconds of this process (all threads), of its reaped children (ffmpeg), and of the
+    sandbox's fork server with the decoder children it has reaped (they are its children, not ours).
 
     On a shared machine CPU time moves far less with the load than wall time does: rows print
     both, so a missed target can be told apart from a busy neighbour.
     """
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+    return time.process_time() + children.ru_utime + children.ru_stime + _fork_server_cpu()
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _fork_server_cpu() -> float:
+    """utime + stime + cutime + cstime of this process's sandbox fork server, if it has one."""
+    from pipelines import sandbox
+
+    server = sandbox._server
+    if server is None or server.owner != os.getpid():
+        return 0.0
+    try:
+        with open(f"/proc/{server.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(v) for v in fields[11:15]) / _TICK
 
 
 def timed_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
