@@ -165,24 +165,25 @@ def _upright_rgb(frame: Any, matrix: str | None, *, size: tuple[int, int] | None
 def ssim(a: Image.Image, b: Image.Image, *, block: int = 8) -> float:
     """Structural similarity of two pictures' luma, mean over ``block``-pixel windows (stride half a
     window), after resizing ``b`` to ``a``'s size. 1.0 is identical; a different frame of moving
-    video scores ~0.3-0.6, another picture altogether ~0."""
-    la = a.convert("L").tobytes()
-    lb = b.convert("L").resize(a.size, Image.Resampling.BOX).tobytes()
+    video scores ~0.3-0.6, another picture altogether ~0. (Every window at once with numpy: the
+    same sums as a loop over the windows, ~100x sooner on a 640-pixel thumbnail.)"""
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
+
     w, h = a.size
+    la = np.asarray(a.convert("L"), dtype=np.float64)
+    lb = np.asarray(b.convert("L").resize(a.size, Image.Resampling.BOX), dtype=np.float64)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    scores = []
     step = max(1, block // 2)
-    for y in range(0, max(1, h - block + 1), step):
-        for x in range(0, max(1, w - block + 1), step):
-            pa = [la[(y + j) * w + x + i] for j in range(min(block, h)) for i in range(min(block, w))]
-            pb = [lb[(y + j) * w + x + i] for j in range(min(block, h)) for i in range(min(block, w))]
-            n = len(pa)
-            ma, mb = sum(pa) / n, sum(pb) / n
-            va = sum((p - ma) ** 2 for p in pa) / n
-            vb = sum((p - mb) ** 2 for p in pb) / n
-            cov = sum((p - ma) * (q - mb) for p, q in zip(pa, pb, strict=True)) / n
-            scores.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2)))
-    return sum(scores) / len(scores)
+    shape = (min(block, h), min(block, w))
+    pa = sliding_window_view(la, shape)[::step, ::step]
+    pb = sliding_window_view(lb, shape)[::step, ::step]
+    ma, mb = pa.mean(axis=(2, 3)), pb.mean(axis=(2, 3))
+    da, db = pa - ma[..., None, None], pb - mb[..., None, None]
+    va, vb = (da * da).mean(axis=(2, 3)), (db * db).mean(axis=(2, 3))
+    cov = (da * db).mean(axis=(2, 3))
+    scores = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
+    return float(scores.mean())
 
 
 def colour_difference(a: Image.Image, b: Image.Image, *, blocks: tuple[int, int] = (16, 9)) -> float:
