@@ -170,7 +170,9 @@ def _broker() -> redis.Redis:
 def test_a_worker_killed_whole_mid_encode_is_picked_up_by_the_watchdog_and_completes_once(
     celery_worker, make_item, tmp_path, settings: Any
 ):
-    item = make_item(lavfi_video(tmp_path / "long.mp4", seconds=20, size="1280x720"))
+    # 8 s, as the pool-process kill of tests/tasks/test_faults.py: the kill comes well under a
+    # second after the encode's ffmpeg shows, and the encode runs again in full after it.
+    item = make_item(lavfi_video(tmp_path / "long.mp4", seconds=8, size="1280x720"))
     media_processing_start(item=item)
     wait_for(
         lambda: _item_ffmpeg(item) and (item.refresh_from_db() or item.stage == "encode"),
