@@ -67,7 +67,9 @@ def _events(item: MediaItem, since: int = 0) -> list[str]:
 def test_cancel_kills_the_running_encode_then_retry_resumes_at_encode_once(
     celery_worker, staff_client, make_item, tmp_path
 ):
-    item = make_item(lavfi_video(tmp_path / "long.mp4", seconds=20, size="1280x720"))
+    # 8 s, as the kill mid-encode of tests/tasks/test_faults.py: the cancel comes at once, and the
+    # retried encode runs in full.
+    item = make_item(lavfi_video(tmp_path / "long.mp4", seconds=8, size="1280x720"))
     media_processing_start(item=item)
     wait_for(lambda: _item_ffmpeg(item) and (item.refresh_from_db() or item.stage == "encode"), timeout=90,
              what="the encode's ffmpeg")  # fmt: skip
