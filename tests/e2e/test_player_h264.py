@@ -78,8 +78,38 @@ def _in_use(video: Any) -> dict[str, str]:
     )
 
 
-def test_without_av1_and_vp9_the_h264_fallback_plays(fallback_video: str, logged_in_page: Any, shots: Any) -> None:
+def test_with_the_fallback_on_each_browser_plays_the_first_set_it_decodes(
+    fallback_video: str, logged_in_page: Any, shots: Any
+) -> None:
+    """One finished video (a worker's run of it per test before) seen by four browsers in turn,
+    each refusing more (the page's init scripts add up): AV1 where it can, then VP9, then
+    H.264 with Opus, then H.264 with AAC."""
     page = logged_in_page
+    card = open_player(page, fallback_video)
+    video = card.locator("video")
+    expect(video).to_have_attribute("data-codec", "av01", timeout=30_000)
+    _playing(page, video)
+    # The menu lists the playing set's rungs: the AV1 one, not the VP9 or H.264 ones.
+    expect(card.locator("[data-quality] option")).to_have_text(["Auto", re.compile("^360p")])
+    in_use = _in_use(video)
+    assert in_use["video"].startswith("av01.") and in_use["audio"] == "opus", in_use
+    expect(card.locator("figcaption")).to_contain_text("DASH stream (dash.js) · AV1 + Opus")
+    shots.take(page, "av1-playing")
+
+    # Without AV1, VP9 comes before H.264 (the royalty-free fallback first).
+    page.add_init_script(refusing("av01"))
+    page.reload()
+    card = open_player(page, fallback_video)
+    video = card.locator("video")
+    expect(video).to_have_attribute("data-codec", "vp09", timeout=30_000)
+    _playing(page, video)
+    expect(card.locator("[data-quality] option")).to_have_text(["Auto", re.compile("^360p"), re.compile("^234p")])
+    in_use = _in_use(video)
+    assert in_use["video"].startswith("vp09.") and in_use["audio"] == "opus", in_use
+    expect(card.locator("figcaption")).to_contain_text("DASH stream (dash.js) · VP9 + Opus")
+    shots.take(page, "vp9-playing")
+
+    # A browser that decodes neither AV1 nor VP9: the H.264 fallback plays.
     page.add_init_script(refusing("av01", "vp09"))
     page.reload()
     card = open_player(page, fallback_video)
@@ -108,32 +138,3 @@ def test_without_av1_and_vp9_the_h264_fallback_plays(fallback_video: str, logged
     assert in_use["audio"].startswith("mp4a."), in_use
     expect(card.locator("figcaption")).to_contain_text("DASH stream (dash.js) · H.264 + AAC")
     shots.take(page, "h264-aac-playing")
-
-
-def test_with_the_fallback_on_av1_plays_where_it_can_and_vp9_where_it_cannot(
-    fallback_video: str, logged_in_page: Any, shots: Any
-) -> None:
-    page = logged_in_page
-    card = open_player(page, fallback_video)
-    video = card.locator("video")
-    expect(video).to_have_attribute("data-codec", "av01", timeout=30_000)
-    _playing(page, video)
-    # The menu lists the playing set's rungs: the AV1 one, not the VP9 or H.264 ones.
-    expect(card.locator("[data-quality] option")).to_have_text(["Auto", re.compile("^360p")])
-    in_use = _in_use(video)
-    assert in_use["video"].startswith("av01.") and in_use["audio"] == "opus", in_use
-    expect(card.locator("figcaption")).to_contain_text("DASH stream (dash.js) · AV1 + Opus")
-    shots.take(page, "av1-playing")
-
-    # Without AV1, VP9 comes before H.264 (the royalty-free fallback first).
-    page.add_init_script(refusing("av01"))
-    page.reload()
-    card = open_player(page, fallback_video)
-    video = card.locator("video")
-    expect(video).to_have_attribute("data-codec", "vp09", timeout=30_000)
-    _playing(page, video)
-    expect(card.locator("[data-quality] option")).to_have_text(["Auto", re.compile("^360p"), re.compile("^234p")])
-    in_use = _in_use(video)
-    assert in_use["video"].startswith("vp09.") and in_use["audio"] == "opus", in_use
-    expect(card.locator("figcaption")).to_contain_text("DASH stream (dash.js) · VP9 + Opus")
-    shots.take(page, "vp9-playing")
