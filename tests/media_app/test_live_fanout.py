@@ -147,8 +147,7 @@ def test_after_redis_restarts_events_flow_again_and_the_log_has_no_traceback(
     # Pub/sub keeps no backlog: what is published while Redis is away is lost (a reconnecting
     # client gets the saved state first); once it is back, the web process subscribes again.
     exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (make test installs it)")
+    assert exe is not None, "redis-server is not installed (make test installs it: scripts/test.sh)"
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     command = [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import select
+import signal
+import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -319,3 +323,40 @@ def measure_true_peak() -> Callable[[Path], float]:
 def stage_runner() -> Callable[..., Pipeline]:
     """``run_stages(src, root, profiles)`` for fixtures wider than a test (``pipeline`` is per test)."""
     return run_stages
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def exited(pid: int, seconds: float = 10) -> bool:
+    """Wait, up to ``seconds``, for process ``pid`` (ours or not) to end: its pidfd turns readable
+    when it exits. True once it has (a zombie awaiting its reaper counts), False on the deadline."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True  # ended and reaped already
+    try:
+        return bool(select.select([fd], [], [], seconds)[0])
+    finally:
+        os.close(fd)
+
+
+def tell_pid_and_hang(address: str) -> None:
+    """A hung decoder that first says who it is: its pid, over the Unix socket at ``address`` (a
+    path, so it works from a child without network), then waits for a signal that never comes."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(address)
+        sock.sendall(str(os.getpid()).encode())
+    signal.pause()
+
+
+def pid_told(listener: socket.socket, seconds: float = 30) -> int | None:
+    """The pid a ``tell_pid_and_hang`` child sent to ``listener``; None if none connected in time."""
+    listener.settimeout(seconds)
+    try:
+        conn, _ = listener.accept()
+    except TimeoutError:
+        return None
+    with conn:
+        conn.settimeout(seconds)
+        return int(conn.recv(32))

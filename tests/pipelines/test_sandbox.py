@@ -22,6 +22,7 @@ from pipelines import sandbox
 from pipelines.errors import ProcessingTimeout, TooLarge, TransientError
 from pipelines.profiles import Profiles
 from pipelines.runner import network_isolation
+from tests.pipelines.conftest import exited, pid_told, tell_pid_and_hang
 
 LIMITS = sandbox.child_limits(Profiles().limits)
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,12 +71,7 @@ def _crash() -> None:
 
 
 def _hang() -> None:
-    time.sleep(60)
-
-
-def _tell_pid_and_hang(path: str) -> None:
-    Path(path).write_text(str(os.getpid()))
-    time.sleep(60)
+    signal.pause()  # a decoder stuck for good: only a signal ends it
 
 
 def _hog_memory() -> None:
@@ -98,19 +94,6 @@ def _children(parent: int) -> list[int]:
             if int(fields[1]) == parent:
                 found.append(int(entry.name))
     return found
-
-
-def _gone(pid: int, seconds: float = 10) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.01)
-    return False
 
 
 # ---- isolation
@@ -159,16 +142,15 @@ def test_crash_is_a_retryable_error_naming_the_signal() -> None:
 
 def test_hang_is_stopped_at_the_wall_limit_and_the_child_killed(_with_fork_server: sandbox._ForkServer) -> None:
     limits = sandbox.ChildLimits(memory_bytes=LIMITS.memory_bytes, cpu_seconds=60, wall_seconds=1.0)
+    earlier = set(_children(_with_fork_server.pid))  # earlier calls' children may still be ending
     started = time.monotonic()
 
     with pytest.raises(ProcessingTimeout):
         sandbox.run_isolated(_hang, limits=limits)
 
     assert time.monotonic() - started < 10
-    deadline = time.monotonic() + 10
-    while _children(_with_fork_server.pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert _children(_with_fork_server.pid) == []
+    # The call ends only after the server has reported the killed child reaped.
+    assert set(_children(_with_fork_server.pid)) - earlier == set()
 
 
 def test_memory_hog_is_too_large() -> None:
@@ -203,12 +185,16 @@ def test_calls_from_many_threads_each_get_their_own_result() -> None:
     assert results == {x: x for x in range(12)}
 
 
+def test_a_request_larger_than_the_sockets_buffer_arrives_whole() -> None:
+    assert sandbox.run_isolated(len, b"x" * 4_000_000, limits=LIMITS) == 4_000_000
+
+
 # ---- the server's own life
 
 
 def test_a_server_that_died_is_replaced_on_the_next_call(_with_fork_server: sandbox._ForkServer) -> None:
     os.kill(_with_fork_server.pid, signal.SIGKILL)
-    assert _gone(_with_fork_server.pid)
+    assert exited(_with_fork_server.pid)
 
     assert sandbox.run_isolated(abs, -21, limits=LIMITS) == 21
 
@@ -216,31 +202,31 @@ def test_a_server_that_died_is_replaced_on_the_next_call(_with_fork_server: sand
 
 
 def test_server_killed_during_a_call_fails_that_call_and_kills_its_child(
-    _with_fork_server: sandbox._ForkServer,
+    _with_fork_server: sandbox._ForkServer, tmp_path: Path
 ) -> None:
     outcome: list[BaseException] = []
+    address = str(tmp_path / "pid.sock")
 
     def call() -> None:
         try:
-            sandbox.run_isolated(_hang, limits=LIMITS)
+            sandbox.run_isolated(tell_pid_and_hang, address, limits=LIMITS)
         except BaseException as exc:  # noqa: BLE001 - what the call ended with is the point
             outcome.append(exc)
 
-    # Children of earlier calls may still be ending (the server reaps them after their result).
-    earlier = set(_children(_with_fork_server.pid))
-    thread = threading.Thread(target=call)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not set(_children(_with_fork_server.pid)) - earlier and time.monotonic() < deadline:
-        time.sleep(0.01)
-    [child] = set(_children(_with_fork_server.pid)) - earlier
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(address)
+        listener.listen()
+        thread = threading.Thread(target=call)
+        thread.start()
+        child = pid_told(listener)
+    assert child is not None, "the child never started"
 
     os.kill(_with_fork_server.pid, signal.SIGKILL)
     thread.join(timeout=30)
 
     assert not thread.is_alive()
     assert [type(exc) for exc in outcome] == [TransientError]
-    assert _gone(child)  # it died with its server (PDEATHSIG), rather than hang on for 60 s
+    assert exited(child)  # it died with its server (PDEATHSIG), rather than hang on
 
 
 def test_server_ends_with_the_process_that_started_it() -> None:
@@ -253,37 +239,38 @@ def test_server_ends_with_the_process_that_started_it() -> None:
     )
     server_pid = int(done.stdout.split()[0])
 
-    assert _gone(server_pid)
+    assert exited(server_pid)
 
 
 def test_a_call_interrupted_before_its_child_is_known_kills_that_child(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The worker's soft time limit can interrupt a call while it waits for the server to say
-    which child it forked: that child must not run on (up to its wall limit) with nobody to read it."""
+    which child it forked: that child must not run on with nobody to read it."""
     real = sandbox._receive_pid
-    calls: list[int] = []
+    learnt: list[int] = []
 
     class SoftTimeLimit(Exception):
         pass
 
     def interrupted_once(status: socket.socket, seconds: float = 60.0) -> tuple[int, int | None]:
-        calls.append(0)
-        if len(calls) == 1:
+        if not learnt:
+            learnt.append(0)
             raise SoftTimeLimit
         pid, pidfd = real(status, seconds)
-        calls.append(pid)  # the sandbox learnt it after all (to kill it)
+        learnt.append(pid)  # the sandbox asked after all (to kill it)
         return pid, pidfd
 
     monkeypatch.setattr(sandbox, "_receive_pid", interrupted_once)
-    pid_file = tmp_path / "child.pid"
+    address = str(tmp_path / "pid.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(address)
+        listener.listen()
 
-    with pytest.raises(SoftTimeLimit):
-        sandbox.run_isolated(_tell_pid_and_hang, str(pid_file), limits=LIMITS)
+        with pytest.raises(SoftTimeLimit):
+            sandbox.run_isolated(tell_pid_and_hang, address, limits=LIMITS)
 
-    if len(calls) < 3:  # it did not ask: the child tells its pid itself, as it starts to hang
-        deadline = time.monotonic() + 10
-        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        calls.append(int(pid_file.read_text()))
-    assert _gone(calls[-1])
+        # Killed at once, the child may never have said who it is; else it says so now.
+        child = learnt[-1] if len(learnt) > 1 else pid_told(listener)
+    assert child, "the child neither was killed by the sandbox nor started"
+    assert exited(child)
