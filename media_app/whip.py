@@ -82,6 +82,10 @@ HOLD_MS = 1000
 # The bitrate limit is judged over this window, with a margin: a key frame is a burst.
 BITRATE_WINDOW_SECONDS = 5
 BITRATE_MARGIN = 1.25
+# The length limit is the sender's time; frames are still taken this long past it by arrival, so
+# the ones held up on the way (a busy server, jitter) still fill the file to the limit. A sender
+# whose clock crawls is cut here by arrival.
+ARRIVAL_GRACE_SECONDS = 1.0
 MONITOR_SECONDS = 0.5
 # How often a process reads the stop flags (a DELETE that reached another process) and whether
 # its sessions' items still exist: one Redis MGET and one query for all its sessions.
@@ -311,6 +315,7 @@ class _Track:
     template: Any = None  # H.264: the demuxed first key frame, whose stream gives codec parameters
     size: tuple[int, int] | None = None
     last_pli: float = 0.0
+    past_limit: bool = False  # a frame past the recording's length limit arrived
 
     def extended(self, mapped: int) -> int:
         assert self.mapper.first is not None
@@ -391,11 +396,11 @@ class Recording:
 
     def __init__(self, path: Path, *, max_seconds: float = float("inf")) -> None:
         self.path = path
-        # Frames that arrive later than this after the first, or that lie past it by their own
-        # times, are not written: the session is over its length (the monitor ends it), and the
-        # file holds exactly the limit.
+        # Frames that lie past this by their sender's times are not written, nor any that arrive
+        # ARRIVAL_GRACE_SECONDS later than that after the first: the session is over its length
+        # (the monitor ends it), and the file holds exactly the limit.
         self.max_seconds = max_seconds
-        self.full = False
+        self.full = False  # every track has a frame past the limit, or the grace by arrival is over
         self.tracks: list[_Track] = []
         self.container: Any = None
         self.started = False
@@ -417,7 +422,7 @@ class Recording:
         now = time.monotonic()
         self.last_frame_at = now
         self._count(now, len(data))
-        if self.first_frame_at is not None and now - self.first_frame_at >= self.max_seconds:
+        if self.first_frame_at is not None and now - self.first_frame_at >= self.max_seconds + ARRIVAL_GRACE_SECONDS:
             self.full = True
             return
         track.codec, track.clock_rate = codec, clock_rate
@@ -452,6 +457,14 @@ class Recording:
             self.window.append((second, size))
         while self.window and self.window[0][0] <= second - BITRATE_WINDOW_SECONDS:
             self.window.popleft()
+
+    def over_length(self, now: float) -> bool:
+        """The recording holds its limit: every track passed it by the sender's clock, or the
+        grace past it by arrival is over (a track that stopped, a sender's clock that crawls)."""
+        if self.full:
+            return True
+        late = self.max_seconds + ARRIVAL_GRACE_SECONDS
+        return self.first_frame_at is not None and now - self.first_frame_at >= late
 
     def bitrate(self) -> float:
         """Bits per second over the last window (0 until a whole window has passed)."""
@@ -533,8 +546,10 @@ class Recording:
         if pts >= self.max_seconds * 1000:
             # Past the limit by the sender's clock, whenever it arrived: frames that came late
             # and then in a burst (a busy server, a network that stalled) must not stretch the
-            # file past the limit that arrival times alone would allow.
-            self.full = True
+            # file past the limit that arrival times alone would allow. Full once every track is
+            # past it: a track that lags another still fills its last moments.
+            t.past_limit = True
+            self.full = all(x.past_limit for x in self.tracks if x.stream is not None)
             return
         t.last_pts = pts
         self.count += 1
@@ -719,8 +734,7 @@ class Manager:
                 continue
             rec = session.recording
             limit = settings.WHIP_MAX_SESSION_SECONDS
-            recorded = rec.first_frame_at is not None and now - rec.first_frame_at >= limit
-            if rec.full or recorded or now - session.created_at >= limit + CONNECT_TIMEOUT_SECONDS:
+            if rec.over_length(now) or now - session.created_at >= limit + CONNECT_TIMEOUT_SECONDS:
                 self.end_soon(session, f"it reached the {_seconds(limit)} limit of a recording")
             elif session.connected_at is None and now - session.created_at >= CONNECT_TIMEOUT_SECONDS:
                 self.end_soon(session, "the publisher never connected")

@@ -443,6 +443,44 @@ def test_a_recording_holds_its_limit_however_late_and_bunched_its_frames_arrive(
     assert last < 3.0
 
 
+def test_a_track_held_up_on_the_way_still_fills_the_recording_to_its_limit(tmp_path, monkeypatch):
+    """Two tracks against a 3 s limit; from its second second on, the second one arrives 0.3 s
+    late (a busy server, jitter). The session ends when both reached the limit by their sender's
+    clock, and the file holds 3 s of each. Ending 3 s after the first frame arrived (a loaded CI
+    run: 2.78 s of audio in a 3 s recording) cut off the late track's last 0.3 s, and the file
+    ends where its shortest track does."""
+    now = [1000.0]
+    monkeypatch.setattr(whip.time, "monotonic", lambda: now[0])
+    recording = whip.Recording(tmp_path / "r.mkv", max_seconds=3)
+    on_time, late = whip._Track(kind="audio", receiver=object()), whip._Track(kind="audio", receiver=object())
+    sender_clock = time.time()  # both tracks' Sender Reports: one capture clock, so the file starts at once
+    for track in (on_time, late):
+        track.mapper.map(0)
+        track.reports = [(sender_clock + k * 0.5, k * 24000) for k in range(whip.SENDER_REPORTS)]
+        recording.tracks.append(track)
+    # 20 ms packets sent for 5 s, in order of arrival, until the recording says it is over.
+    arrivals = sorted(
+        (n * 0.02 + (0.3 if track is late and n >= 50 else 0.0), i, track, n)
+        for n in range(250)
+        for i, track in enumerate((on_time, late))
+    )
+    for at, _, track, n in arrivals:
+        now[0] = 1000.0 + at
+        if recording.over_length(now[0]):
+            break
+        recording.on_frame(track, "opus", 48000, bytes(100), n * 960)
+    assert recording.full  # ended by the sender's clock, not by the grace
+    assert recording.close()
+    assert recording.seconds() == pytest.approx(3, abs=0.03)
+    last: dict[int, float] = {}
+    with av.open(str(tmp_path / "r.mkv")) as container:
+        for packet in container.demux():
+            if packet.pts is not None:
+                at, index = float(packet.pts * packet.time_base), packet.stream.index
+                last[index] = max(last.get(index, 0.0), at)
+    assert len(last) == 2 and all(2.95 <= t < 3.0 for t in last.values()), last
+
+
 def test_the_bitrate_is_measured_over_the_last_window(tmp_path, monkeypatch):
     """What the bitrate limit compares: bits received over the last BITRATE_WINDOW_SECONDS
     (nothing before a whole window has passed, so a first key frame is not a breach)."""
