@@ -10,6 +10,7 @@ module's internals and may need adjusting when they change.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -33,10 +34,6 @@ def _measure(name: str, fn: Callable[[], Any], reps: int) -> Any:
     return out
 
 
-def _noop() -> int:
-    return 0
-
-
 def _steps(label: str, src: Path, pil_format: str, work: Path, reps: int) -> None:
     from bench.images import bare_pillow
     from pipelines import images as im
@@ -47,7 +44,7 @@ def _steps(label: str, src: Path, pil_format: str, work: Path, reps: int) -> Non
     limits, profile = profiles.limits, profiles.image
     print(f"\n### {label} ({src.name})\n\n| step | wall ms | CPU ms |\n|---|---|---|")
     _measure("fork + rlimits + reap, an empty child (paid by each sandboxed stage)",
-             lambda: run_isolated(_noop, limits=child_limits(limits)), reps)  # fmt: skip
+             lambda: run_isolated(os.getpid, limits=child_limits(limits)), reps)  # fmt: skip
     info = _measure("decode stage (sandboxed; header only)", lambda: im.image_decode(src, work, limits=limits), reps)
     plan = im.image_normalize(info, profiles=profiles)
     target = im._upright_size(plan.width, plan.height, info.orientation)
