@@ -40,6 +40,10 @@ from channels_redis.utils import _consistent_hash, _wrap_close, decode_hosts
 
 logger = logging.getLogger("media_app.sockets")
 
+# At most this many published messages are read before they are handed out: events that arrived
+# while the last ones went out to every socket reach each socket in one write.
+BATCH_MAX = 64
+
 
 class _FanOutShard(RedisSingleShardConnection):  # type: ignore[misc]
     async def _do_receiving(self) -> None:
@@ -54,7 +58,19 @@ class _FanOutShard(RedisSingleShardConnection):  # type: ignore[misc]
                     if failures:
                         logger.info("channel layer: Redis reachable again after %d failed reads", failures)
                         failures = 0
-                    self._receive_message(message)
+                    if message is None:
+                        continue
+                    # What else has arrived meanwhile (events that queued while the last batch
+                    # went out to every socket) goes out with it: one write per socket for all.
+                    batch = [message]
+                    try:
+                        while len(batch) < BATCH_MAX:
+                            more = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                            if more is None:
+                                break
+                            batch.append(more)
+                    finally:  # what was read is handed out, even when Redis went away meanwhile
+                        self._receive_messages(batch)
                 else:
                     await asyncio.sleep(0.1)
             except (asyncio.CancelledError, GeneratorExit):
@@ -69,38 +85,56 @@ class _FanOutShard(RedisSingleShardConnection):  # type: ignore[misc]
                 await asyncio.sleep(1)
 
     def _receive_message(self, message: dict[str, Any] | None) -> None:
-        if message is None:
-            return
-        name = message["channel"]
-        if isinstance(name, bytes):
-            name = name.decode()
+        if message is not None:
+            self._receive_messages([message])
+
+    def _receive_messages(self, messages: list[dict[str, Any]]) -> None:
+        """Hand each message to its group's members here, in order. A member that takes events
+        directly gets all of the batch's at once (``deliver_directly``'s ``many``)."""
         layer = self.channel_layer
-        members = [c for c in ([name] if name in layer.channels else layer.groups.get(name, ())) if c in layer.channels]
-        if not members:
-            return
-        decoded = layer.channel_layer.deserialize(message["data"])  # once, for every member
-        kind = decoded.get("type") if isinstance(decoded, dict) else None
-        for channel in members:
+        direct_events: dict[str, list[dict[str, Any]]] = {}
+        for message in messages:
+            name = message["channel"]
+            if isinstance(name, bytes):
+                name = name.decode()
+            members = [
+                c for c in ([name] if name in layer.channels else layer.groups.get(name, ())) if c in layer.channels
+            ]
+            if not members:
+                continue
+            decoded = layer.channel_layer.deserialize(message["data"])  # once, for every member
+            kind = decoded.get("type") if isinstance(decoded, dict) else None
+            for channel in members:
+                direct = layer.direct.get(channel)
+                if direct is not None and kind in direct[0]:
+                    direct_events.setdefault(channel, []).append(decoded)
+                else:
+                    layer.channels[channel].put_nowait(decoded)
+        for channel, events in direct_events.items():
             direct = layer.direct.get(channel)
-            if direct is not None and kind in direct[0]:
-                now = direct[2]
-                if now is None or not now(decoded):
-                    layer.run_eagerly(direct[1](decoded))
-            else:
-                layer.channels[channel].put_nowait(decoded)
+            if direct is None:
+                continue
+            _, handler, now, many = direct
+            if len(events) > 1 and many is not None and many(events):
+                continue
+            for event in events:
+                if now is None or not now(event):
+                    layer.run_eagerly(handler(event))
 
 
 class _FanOutLoopLayer(RedisPubSubLoopLayer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._shards = [_FanOutShard(shard.host, self) for shard in self._shards]
-        # channel -> (event types, handler, plain-call handler or None): see deliver_directly.
+        # channel -> (event types, handler, plain-call handlers of one event and of several, or
+        # None): see deliver_directly.
         self.direct: dict[
             str,
             tuple[
                 frozenset[str],
                 Callable[[dict[str, Any]], Coroutine[Any, Any, None]],
                 Callable[[dict[str, Any]], bool] | None,
+                Callable[[list[dict[str, Any]]], bool] | None,
             ],
         ] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -112,14 +146,17 @@ class _FanOutLoopLayer(RedisPubSubLoopLayer):  # type: ignore[misc]
         handler: Callable[[dict[str, Any]], Coroutine[Any, Any, None]],
         *,
         now: Callable[[dict[str, Any]], bool] | None = None,
+        many: Callable[[list[dict[str, Any]]], bool] | None = None,
     ) -> None:
         """Hand events of ``types`` for ``channel`` straight to ``handler`` (``run_eagerly``) instead
         of queueing them for the consumer's receive loop. That loop costs a receive task,
         an ``asyncio.wait`` and Channels' dispatch (with a thread hop for the ORM) per message:
         at 1,000 sockets, most of the web process's time (issue 17). ``handler`` must not raise.
         ``now``, if given, is tried first as a plain call (no coroutine): True means the event is
-        handled; False passes it on to ``handler``. It must not raise either."""
-        self.direct[channel] = (frozenset(types), handler, now)
+        handled; False passes it on to ``handler``. It must not raise either. ``many``, if given, is
+        tried first when several events for ``channel`` arrived together, with all of them: True
+        means every one is handled; False, none is, and each goes on as above, in order."""
+        self.direct[channel] = (frozenset(types), handler, now, many)
 
     def stop_delivering_directly(self, channel: str) -> None:
         self.direct.pop(channel, None)

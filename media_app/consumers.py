@@ -271,7 +271,8 @@ class _StatusConsumer(LayerTolerantConsumer, AsyncJsonWebsocketConsumer):
         if deliver_directly is not None:
             self._write_frame = frame_writer(self.scope.get(RAW_SEND))
             now = self._deliver_now if self._write_frame is not None else None
-            deliver_directly(self.channel_name, {"media.status"}, self._deliver, now=now)
+            many = self._deliver_many_now if self._write_frame is not None else None
+            deliver_directly(self.channel_name, {"media.status"}, self._deliver, now=now, many=many)
 
     _write_frame: Callable[[bytes], bool] | None = None
 
@@ -296,6 +297,36 @@ class _StatusConsumer(LayerTolerantConsumer, AsyncJsonWebsocketConsumer):
             self.last_seq[key] = seq
             return True
         except Exception:  # noqa: BLE001 - _deliver takes it, and logs what it cannot deliver
+            return False
+
+    def _deliver_many_now(self, events: list[dict[str, Any]]) -> bool:
+        """``_deliver_now`` for events that arrived together: the frames of those newer than what
+        the socket has, in order, in one write (one system call and one TCP segment instead of one
+        each). False, with nothing recorded as sent, hands every event to ``_deliver_now`` in turn.
+        Never raises."""
+        try:
+            write = self._write_frame
+            if write is None:
+                return False
+            seen: dict[str, int] = {}
+            frames = []
+            for event in events:
+                item, text = event["item"], event.get("text")
+                if text is None:
+                    return False
+                key, seq = item["id"], item["seq"]
+                if seq <= seen.get(key, self.last_seq.get(key, -1)):
+                    continue
+                frame = event.get(FRAME)
+                if frame is None:
+                    frame = event[FRAME] = text_frame(text)  # the event is shared: once per process
+                frames.append(frame)
+                seen[key] = seq
+            if frames and not write(frames[0] if len(frames) == 1 else b"".join(frames)):
+                return False
+            self.last_seq.update(seen)
+            return True
+        except Exception:  # noqa: BLE001 - each event then goes its own way, which logs
             return False
 
     async def _deliver(self, event: dict[str, Any]) -> None:

@@ -300,3 +300,55 @@ def test_the_plain_call_writes_what_it_can_and_hands_the_rest_to_the_coroutine()
 
     consumer._write_frame = None  # another server: the coroutine's ASGI send only
     assert consumer._deliver_now(event(3)) is False
+
+
+def test_events_that_arrived_together_reach_a_socket_in_one_write_in_order():
+    # A small image's start, advance and completion are published within milliseconds: on a busy
+    # web process they queue in Redis while the previous event goes out to every socket. Read
+    # together, they reach each socket in one write (one system call, one TCP segment) instead of
+    # one each; a stale one among them is left out. A socket without room gets each of them
+    # through uvicorn's send instead, in order, once.
+    from media_app.consumers import RAW_SEND, MediaListConsumer, frame_writer, text_frame
+
+    layer = FanOutChannelLayer(hosts=[settings.CHANNEL_REDIS_URL])
+    group = layer.group_channel("media.owner.1")
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    def socket(loop_layer: Any, channel: str) -> tuple[Any, MediaListConsumer]:
+        proto = _open_protocol()
+        consumer = MediaListConsumer()
+        consumer.scope = {RAW_SEND: send, "path": "/ws/media/"}
+        consumer.last_seq = {"x": 1}
+        consumer._write_frame = frame_writer(proto.send)
+        loop_layer.channels[channel] = asyncio.Queue()
+        loop_layer.groups.setdefault(group, set()).add(channel)
+        loop_layer.deliver_directly(
+            channel,
+            {"media.status"},
+            consumer._deliver,
+            now=consumer._deliver_now,
+            many=consumer._deliver_many_now,
+        )
+        return proto, consumer
+
+    events = [_event("x", seq) for seq in (1, 2, 3, 4)]  # the socket already has 1
+
+    async def scenario() -> tuple[Any, Any, Any]:
+        loop_layer = layer._get_layer()
+        reading, reading_consumer = socket(loop_layer, "reading")
+        stuck, _ = socket(loop_layer, "stuck")
+        stuck.writable.clear()  # this client is not reading
+        messages = [{"channel": group.encode(), "data": layer.serialize(e)} for e in events]
+        loop_layer._shards[0]._receive_messages(messages)
+        await asyncio.wait_for(asyncio.gather(*loop_layer._tasks), 5)
+        return reading, reading_consumer, stuck
+
+    reading, consumer, stuck = asyncio.run(scenario())
+
+    assert reading.transport.written == [b"".join(text_frame(e["text"]) for e in events[1:])]
+    assert consumer.last_seq == {"x": 4}
+    assert stuck.transport.written == []
+    assert [m["text"] for m in sent] == [e["text"] for e in events[1:]]
