@@ -12,6 +12,8 @@ watch and fans out in process. Two things are added here:
 * ``group_send_many``: a synchronous publish for the Celery worker, on one long-lived
   connection, each message serialised once. ``async_to_sync`` from a worker starts an event loop
   and a new Redis connection per call, which the pub/sub layer would open and close every time.
+* Messages that queued up while the last ones went out are read together, and each socket that
+  takes its events directly gets all of its own in one write (``BATCH_MAX``).
 * ``group_send_soon``: the same publish from a thread of the process's own, so a task does not
   wait for Redis' answer after each status save: on a busy 2-core box that round trip (Redis
   waiting for a core) was 0.3-3 ms each, five times per image. What waits meanwhile is sent in
@@ -47,7 +49,8 @@ BATCH_MAX = 64
 
 class _FanOutShard(RedisSingleShardConnection):  # type: ignore[misc]
     async def _do_receiving(self) -> None:
-        """The parent's loop, with Redis being away logged as one line, not a traceback a second.
+        """The parent's loop, reading what has queued up in batches (``BATCH_MAX``), with Redis
+        being away logged as one line, not a traceback a second.
         redis-py reconnects and subscribes again by itself; what is published meanwhile is lost
         (every socket's first message is the saved state, so a reconnecting client catches up)."""
         failures = 0
@@ -70,7 +73,7 @@ class _FanOutShard(RedisSingleShardConnection):  # type: ignore[misc]
                                 break
                             batch.append(more)
                     finally:  # what was read is handed out, even when Redis went away meanwhile
-                        self._receive_messages(batch)
+                        self._hand_out(batch)
                 else:
                     await asyncio.sleep(0.1)
             except (asyncio.CancelledError, GeneratorExit):
@@ -88,9 +91,19 @@ class _FanOutShard(RedisSingleShardConnection):  # type: ignore[misc]
         if message is not None:
             self._receive_messages([message])
 
+    def _hand_out(self, batch: list[dict[str, Any]]) -> None:
+        """``_receive_messages`` from the receive loop's ``finally``: it must not raise there, or it
+        would replace the error (a cancel, Redis gone) already on its way out."""
+        try:
+            self._receive_messages(batch)
+        except Exception:
+            logger.exception("channel layer: could not hand out %d messages", len(batch))
+
     def _receive_messages(self, messages: list[dict[str, Any]]) -> None:
-        """Hand each message to its group's members here, in order. A member that takes events
-        directly gets all of the batch's at once (``deliver_directly``'s ``many``)."""
+        """Hand each message to its group's members here. A member that takes events directly
+        gets all of the batch's for it at once, in the order they were published
+        (``deliver_directly``'s ``many``); events it takes through its queue are queued first. A
+        message that cannot be decoded is logged and skipped: it costs no other message."""
         layer = self.channel_layer
         direct_events: dict[str, list[dict[str, Any]]] = {}
         for message in messages:
@@ -102,7 +115,11 @@ class _FanOutShard(RedisSingleShardConnection):  # type: ignore[misc]
             ]
             if not members:
                 continue
-            decoded = layer.channel_layer.deserialize(message["data"])  # once, for every member
+            try:
+                decoded = layer.channel_layer.deserialize(message["data"])  # once, for every member
+            except Exception:
+                logger.exception("channel layer: a message on %s could not be decoded", name)
+                continue
             kind = decoded.get("type") if isinstance(decoded, dict) else None
             for channel in members:
                 direct = layer.direct.get(channel)

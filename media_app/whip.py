@@ -400,7 +400,7 @@ class Recording:
         # ARRIVAL_GRACE_SECONDS later than that after the first: the session is over its length
         # (the monitor ends it), and the file holds exactly the limit.
         self.max_seconds = max_seconds
-        self.full = False  # every track has a frame past the limit, or the grace by arrival is over
+        self.full = False  # every track with a stream is past the limit, or the arrival grace is over
         self.tracks: list[_Track] = []
         self.container: Any = None
         self.started = False
@@ -546,8 +546,8 @@ class Recording:
         if pts >= self.max_seconds * 1000:
             # Past the limit by the sender's clock, whenever it arrived: frames that came late
             # and then in a burst (a busy server, a network that stalled) must not stretch the
-            # file past the limit that arrival times alone would allow. Full once every track is
-            # past it: a track that lags another still fills its last moments.
+            # file past the limit. Full once every track with a stream is past it: a track that
+            # lags another still fills its last moments.
             t.past_limit = True
             self.full = all(x.past_limit for x in self.tracks if x.stream is not None)
             return
@@ -734,7 +734,10 @@ class Manager:
                 continue
             rec = session.recording
             limit = settings.WHIP_MAX_SESSION_SECONDS
-            if rec.over_length(now) or now - session.created_at >= limit + CONNECT_TIMEOUT_SECONDS:
+            # The cap from the offer covers a publisher that connects late in its window and
+            # then holds the length and its grace.
+            cap = limit + CONNECT_TIMEOUT_SECONDS + ARRIVAL_GRACE_SECONDS
+            if rec.over_length(now) or now - session.created_at >= cap:
                 self.end_soon(session, f"it reached the {_seconds(limit)} limit of a recording")
             elif session.connected_at is None and now - session.created_at >= CONNECT_TIMEOUT_SECONDS:
                 self.end_soon(session, "the publisher never connected")

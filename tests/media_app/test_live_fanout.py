@@ -8,6 +8,7 @@ was one Redis message per socket; now Redis sees one subscriber per group per we
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -352,3 +353,62 @@ def test_events_that_arrived_together_reach_a_socket_in_one_write_in_order():
     assert consumer.last_seq == {"x": 4}
     assert stuck.transport.written == []
     assert [m["text"] for m in sent] == [e["text"] for e in events[1:]]
+
+
+def test_a_batch_is_read_whole_and_handed_out_even_when_redis_goes_away_mid_read():
+    # The receive loop reads what has queued up (up to BATCH_MAX) before handing it out. Redis
+    # dropping the connection in the middle of that read loses nothing already read; a message
+    # that cannot be decoded costs only itself; the loop then goes on as after any outage.
+    from media_app.consumers import RAW_SEND, MediaListConsumer, frame_writer, text_frame
+
+    layer = FanOutChannelLayer(hosts=[settings.CHANNEL_REDIS_URL])
+    group = layer.group_channel("media.owner.2")
+    events = [_event("y", seq) for seq in (1, 2, 3)]
+    queued = [
+        {"channel": group.encode(), "data": layer.serialize(events[0])},
+        {"channel": group.encode(), "data": b"\xc1 not a message"},
+        {"channel": group.encode(), "data": layer.serialize(events[1])},
+        {"channel": group.encode(), "data": layer.serialize(events[2])},
+    ]
+
+    class _PubSub:
+        subscribed = True
+        reads: list[float | None] = []
+
+        async def get_message(self, ignore_subscribe_messages: bool, timeout: float | None) -> Any:
+            self.reads.append(timeout)
+            if queued:
+                return queued.pop(0)
+            raise redis.ConnectionError("Connection closed by server.")
+
+    async def sent(send_: Any) -> None:
+        raise AssertionError("the socket had room: nothing goes through uvicorn's send")
+
+    async def scenario() -> tuple[Any, Any, list[float | None]]:
+        loop_layer = layer._get_layer()
+        proto = _open_protocol()
+        consumer = MediaListConsumer()
+        consumer.scope = {RAW_SEND: sent, "path": "/ws/media/"}
+        consumer.last_seq = {}
+        consumer._write_frame = frame_writer(proto.send)
+        loop_layer.channels["reader"] = asyncio.Queue()
+        loop_layer.groups[group] = {"reader"}
+        loop_layer.deliver_directly(
+            "reader", {"media.status"}, consumer._deliver, now=consumer._deliver_now, many=consumer._deliver_many_now
+        )
+        shard = loop_layer._shards[0]
+        shard._pubsub = _PubSub()
+        task = asyncio.ensure_future(shard._do_receiving())
+        deadline = time.monotonic() + 5
+        while len(_PubSub.reads) < 6 and time.monotonic() < deadline:  # the read after the outage
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return proto, consumer, _PubSub.reads
+
+    proto, consumer, reads = asyncio.run(scenario())
+
+    assert proto.transport.written == [b"".join(text_frame(e["text"]) for e in events)]  # one write, in order
+    assert consumer.last_seq == {"y": 3}
+    assert reads[:5] == [0.1, 0, 0, 0, 0]  # one wait, then what had queued, until Redis went away
