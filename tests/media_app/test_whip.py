@@ -11,6 +11,7 @@ import asyncio
 import os
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -479,6 +480,30 @@ def test_a_track_held_up_on_the_way_still_fills_the_recording_to_its_limit(tmp_p
                 at, index = float(packet.pts * packet.time_base), packet.stream.index
                 last[index] = max(last.get(index, 0.0), at)
     assert len(last) == 2 and all(2.95 <= t < 3.0 for t in last.values()), last
+
+
+def test_a_publisher_that_connects_late_in_its_window_still_gets_its_length_and_grace(tmp_path, monkeypatch, settings):
+    """A session may take CONNECT_TIMEOUT_SECONDS to connect; then it has the length limit and the
+    arrival grace like any other. The cap counted from the offer left the grace out: a publisher
+    whose first frame came 29.5 s after its offer was cut 0.5 s into its grace, when a late track's
+    last frames could still be on the way."""
+    now = [1000.0]
+    monkeypatch.setattr(whip.time, "monotonic", lambda: now[0])
+    settings.WHIP_MAX_SESSION_SECONDS = 3
+    manager = whip.Manager()
+    manager._last_remote_check = float("inf")  # no stop flags to read here
+    ended: list[str] = []
+    monkeypatch.setattr(manager, "end_soon", lambda session, reason, **_: ended.append(reason))
+    recording = whip.Recording(tmp_path / "r.mkv", max_seconds=3)
+    session = whip.Session(item_id=uuid.uuid4(), owner_id=1, slot="s", pc=object(), recording=recording)
+    session.created_at = 1000.0  # the offer
+    manager.sessions[session.item_id] = session
+    session.connected_at = recording.first_frame_at = 1000.0 + 29.5
+
+    for at, expected in ((29.5 + 3.5, []), (29.5 + 4.0, ["it reached the 3 s limit of a recording"])):
+        now[0] = recording.last_frame_at = 1000.0 + at  # media still arriving
+        asyncio.run(manager._check())
+        assert ended == expected, at
 
 
 def test_the_bitrate_is_measured_over_the_last_window(tmp_path, monkeypatch):
