@@ -422,7 +422,7 @@ class Recording:
         now = time.monotonic()
         self.last_frame_at = now
         self._count(now, len(data))
-        if self.first_frame_at is not None and now - self.first_frame_at >= self.max_seconds + ARRIVAL_GRACE_SECONDS:
+        if self.over_length(now):
             self.full = True
             return
         track.codec, track.clock_rate = codec, clock_rate

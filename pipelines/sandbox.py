@@ -266,7 +266,7 @@ def _lean_environment() -> dict[str, str]:
 def _receive_pid(status: socket.socket, seconds: float = _START_SECONDS) -> tuple[int, int | None]:
     ready, _, _ = select.select([status], [], [], seconds)
     if not ready:
-        raise TransientError("The decoder did not start.", detail=f"no fork within {_START_SECONDS:.0f} s")
+        raise TransientError("The decoder did not start.", detail=f"no fork within {seconds:.0f} s")
     message, fds, _, _ = socket.recv_fds(status, _PID.size, 1)
     if len(message) < _PID.size:
         for fd in fds:
