@@ -1242,11 +1242,18 @@ def previews(
 
 
 def storyboards(
-    demuxed: DemuxResult, demux_dir: Path, out_dir: Path, *, profiles: Profiles, limits: Limits
+    demuxed: DemuxResult,
+    demux_dir: Path,
+    out_dir: Path,
+    *,
+    profiles: Profiles,
+    limits: Limits,
+    cancel: Callable[[], bool] | None = None,
 ) -> tuple[Output, ...]:
     """The storyboard sheet and its WebVTT index (``pipelines.storyboard``), through the same
     colour chain and picture steps as the thumbnail; none for audio or a picture-less file.
-    Apart from ``previews`` so the thumbnail is shown before this decodes the whole video."""
+    Apart from ``previews``: it decodes the whole video, so the worker runs it beside the encode
+    while the thumbnail is shown at once."""
     video = demuxed.info.video
     if demuxed.kind != "video" or video is None or video.display_size is None:
         return ()
@@ -1263,6 +1270,7 @@ def storyboards(
         decoding=decoder_args(video.x264_build),
         sp=profiles.storyboard,
         limits=limits,
+        cancel=cancel,
     )
 
 

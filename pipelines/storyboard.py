@@ -68,11 +68,13 @@ def storyboard(
     decoding: tuple[str, ...],
     sp: StoryboardProfile,
     limits: Limits,
+    cancel: Callable[[], bool] | None = None,
 ) -> tuple[Output, ...]:
     """The sheet and its index as outputs (roles ``storyboard`` and ``storyboard_vtt``), or none
     for a video too short or without frames. ``prelude``: the colour chain, each filter followed
     by a comma; ``picture(w, h)``: the filter chain that resizes to a tile (``width`` x ``height``:
-    the display size)."""
+    the display size). ``cancel``: polled while ffmpeg runs (it runs beside the encode, which
+    may stop first)."""
     if not duration or duration <= 0 or width <= 0 or height <= 0:
         return ()
     lay = layout(duration, width, height, sp)
@@ -89,7 +91,7 @@ def storyboard(
             run_ffmpeg(
                 [*inp.args(*decoding), "-filter_complex", graph, "-map", "[sheet]", "-an", "-sn", "-frames:v", "1",
                  "-c:v", "libwebp", "-quality", str(sp.quality), "-compression_level", "4", "-f", "webp", str(sheet)],
-                limits=limits, duration=duration, pass_fds=[inp.fd],
+                limits=limits, duration=duration, cancel=cancel, pass_fds=[inp.fd],
             )  # fmt: skip
     except MediaError as exc:
         if exc.retryable or isinstance(exc, (TooLarge, Cancelled)):
