@@ -5,7 +5,6 @@ limits and the dispatch are all built from it, so adding a stage is adding one l
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import shutil
 import time
@@ -27,6 +26,7 @@ from pipelines.placeholder import thumbhash_file
 from pipelines.profiles import Profiles
 from pipelines.results import Output
 from pipelines.sniff import Sniffed
+from tasks import workspace
 
 if TYPE_CHECKING:
     from media_app.models import MediaItem
@@ -225,8 +225,8 @@ def _chunk(ctx: StageContext) -> Any:
 def _previews(ctx: StageContext) -> Any:
     """The thumbnail, taken right after demux and shown at once: the page has a picture within
     seconds of processing starting, not after the encode. ``store`` records it again with the
-    rest, so the final outputs are one set. The storyboard follows (it decodes the whole video),
-    stored with the rest."""
+    rest, so the final outputs are one set. The storyboard, which decodes the whole video, is
+    made beside the encode (``storyboard_part``), so it no longer holds the encode back."""
     demuxed = ctx.result("demux", av.DemuxResult)
     result = av.previews(demuxed, ctx.dir("demux"), ctx.out_dir, profiles=profiles(), limits=_limits())
     for out in result.outputs:
@@ -234,8 +234,33 @@ def _previews(ctx: StageContext) -> Any:
             key = output_key_for(ctx.item_id, out.file)
             _put(ctx.out_dir / out.file, key)
             rendition_put(item_id=ctx.item_id, rendition=_record(out, key, ctx.out_dir / out.file))
-    board = av.storyboards(demuxed, ctx.dir("demux"), ctx.out_dir, profiles=profiles(), limits=_limits())
-    return dataclasses.replace(result, outputs=(*result.outputs, *board))
+    return result
+
+
+# The storyboard's folder of its own (work/<item>/encode.storyboard/…, done when its done.json
+# is), like a chunk's: not a stage of the chain, so no status, history row or share of the bar.
+# It decodes the whole video (a tenth of a 720p AV1 encode's wall time, all of it added to the
+# chain's when it ran in the previews stage); the whole-file encode runs it on a thread beside
+# its ffmpeg, a chunked encode as one more task of its fan-out, and ``store`` runs it itself if
+# neither left it done (a failed thread, or an item whose previews stage made the storyboard).
+STORYBOARD_STAGE = "encode.storyboard"
+
+
+def storyboard_part(ctx: StageContext, cancel: Callable[[], bool]) -> av.PreviewResult:
+    demuxed = ctx.result("demux", av.DemuxResult)
+    board = av.storyboards(
+        demuxed, ctx.dir("demux"), ctx.out_dir, profiles=profiles(), limits=_limits(), cancel=cancel
+    )  # fmt: skip
+    return av.PreviewResult(outputs=board)
+
+
+def storyboard_wanted(ctx: StageContext) -> bool:
+    """A video's store still needs the storyboard made: not done on its own, and not in the
+    previews stage's outputs (where the version before the split put it)."""
+    if ctx.item.kind != "video" or workspace.stage_done(ctx.item_id, STORYBOARD_STAGE):
+        return False
+    shown = ctx.result("previews", av.PreviewResult)
+    return not any(out.role == "storyboard" for out in shown.outputs)
 
 
 def _image_decode(ctx: StageContext) -> Any:
@@ -258,7 +283,12 @@ def _store(ctx: StageContext) -> StoreResult:
 
 # Which stages' results carry deliverables, and the folder each lands in under outputs/<item>/.
 OUTPUT_STAGES: dict[str, list[tuple[str, type[Any], str]]] = {
-    "video": [("mux", av.MuxResult, ""), ("chunk", av.ChunkResult, "dash/"), ("previews", av.PreviewResult, "")],
+    "video": [
+        ("mux", av.MuxResult, ""),
+        ("chunk", av.ChunkResult, "dash/"),
+        ("previews", av.PreviewResult, ""),
+        (STORYBOARD_STAGE, av.PreviewResult, ""),
+    ],
     "audio": [("mux", av.MuxResult, "")],
     "image": [("encode", images.ImageEncodeResult, "")],
 }
@@ -268,6 +298,8 @@ def store(ctx: StageContext) -> StoreResult:
     """Copy deliverables into storage under keys derived from the item, then record them."""
     records: list[dict[str, Any]] = []
     for stage, cls, prefix in OUTPUT_STAGES[ctx.item.kind]:
+        if stage == STORYBOARD_STAGE and not workspace.stage_done(ctx.item_id, stage):
+            continue  # made by the previews stage of the version before (``storyboard_wanted``)
         result = ctx.result(stage, cls)
         outputs: tuple[Output, ...] = result.outputs
         for out in outputs:
@@ -326,15 +358,17 @@ _V, _D = Queue.VIDEO, Queue.DEFAULT
 # where it uploads every output. So the bar moves at an even pace, and the time left that the
 # selectors derive from it (time worked so far, scaled by what is left of the bar) holds.
 # Previews comes right after demux (it needs only the demuxed streams) and stores the thumbnail
-# at once, so the page shows a picture while the encode runs; its weight moved with it.
+# at once, so the page shows a picture while the encode runs; its weight moved with it. The
+# storyboard runs beside the encode (STORYBOARD_STAGE), so previews is the thumbnail alone (1-2 %
+# of the wall time) and the encode's share is what it was plus what the storyboard took.
 PIPELINES: dict[str, tuple[Stage, ...]] = {
     "video": (
         Stage("demux", 5, _V, 20 * MINUTE, _demux),
-        Stage("previews", 4, _V, 10 * MINUTE, _previews),
+        Stage("previews", 1, _V, 10 * MINUTE, _previews),
         Stage("decode", 6, _V, 40 * MINUTE, _decode),
         Stage("normalize", 1, _V, 40 * MINUTE, _normalize),
         Stage("filter", 1, _V, 1 * MINUTE, _filter),
-        Stage("encode", 73, _V, 0, _encode),  # 0: the ceiling, CELERY_TASK_TIME_LIMIT
+        Stage("encode", 76, _V, 0, _encode),  # 0: the ceiling, CELERY_TASK_TIME_LIMIT
         Stage("mux", 4, _V, 20 * MINUTE, _mux),
         Stage("chunk", 3, _V, 20 * MINUTE, _chunk),
         Stage("store", 3, _V, 30 * MINUTE, _store),

@@ -94,6 +94,8 @@ def test_a_long_video_is_encoded_in_chunks_on_both_hosts_and_joined_seamlessly(
     parts = Counter(entry["stage"] for _, entry in lines if entry["stage"].startswith("encode.part"))
     assert sorted(parts) == [f"encode.part{i:05d}" for i in range(6)] and set(parts.values()) == {1}
     assert sum(1 for _, entry in lines if entry["stage"] == "encode.audio") == 1
+    # The storyboard is one more task of the fan-out, beside the chunks, not a pass before them.
+    assert sum(1 for _, entry in lines if entry["stage"] == "encode.storyboard") == 1
     hosts = {host for host, entry in lines if entry["stage"].startswith("encode.part")}
     assert hosts == {"a", "b"}, f"chunks ran only on {hosts}"
 

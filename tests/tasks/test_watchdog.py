@@ -230,8 +230,11 @@ def test_an_encode_that_stops_making_progress_is_killed_and_resumed(celery_worke
     # takes: 8 s, as the killed-whole test above.
     item = make_item(lavfi_video(tmp_path / "hang.mp4", seconds=8, size="1280x720"))
     media_processing_start(item=item)
+    # The encoder, not the storyboard's decode that runs beside it.
     (line,) = wait_for(
-        lambda: _item_ffmpeg(item) and (item.refresh_from_db() or item.stage == "encode") and _item_ffmpeg(item),
+        lambda: (
+            (item.refresh_from_db() or item.stage == "encode") and [c for c in _item_ffmpeg(item) if "libsvtav1" in c]
+        ),
         timeout=90,
         what="the encode's ffmpeg",
     )
