@@ -200,6 +200,9 @@ def work_stage(task: Task, item: MediaItem, stage: str, attempt: int) -> StageRu
             shutil.rmtree(tmp, ignore_errors=True)
             fan_out(task, item, chunks)  # raises: the chord takes this task's place in the chain
         if item.kind == "video":
+            # Both read the demuxed streams: on a host that lacks them, one fetch from storage
+            # here, not two at once (one per thread) of what may be the whole upload.
+            ctx.dir("demux")
             beside = _Beside(item)
     try:
         if stage == STORE and bindings.storyboard_wanted(ctx):

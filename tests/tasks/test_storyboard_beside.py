@@ -8,6 +8,8 @@ or whose encode left none, still gets exactly one; a cancel during the encode st
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import threading
@@ -151,6 +153,23 @@ def test_the_storyboard_is_made_while_the_encode_runs_and_stored_once(video, tmp
 
     _finish(item)
     _check_storyboard(item, src, tmp_path)
+
+
+def test_a_host_that_lacks_the_demuxed_streams_fetches_them_once_for_the_encode_and_its_storyboard(video, caplog):
+    """The encode runs on a host that did not run the demux (its cache is empty): the encode and
+    the storyboard beside it both read the demuxed streams, which may be the whole upload; they
+    come from storage once, not once per thread."""
+    item, _src = video(seconds=20, size="1280x720")
+    _run(item, BEFORE_ENCODE)
+    workspace.clear(item.pk)  # this host's cache of the item's stages: another host's disk
+    caplog.set_level(logging.INFO, logger="tasks.workspace")
+
+    _run(item, ("encode",))
+
+    fetched = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tasks.workspace"]
+    demux = [line for line in fetched if line["stage"] == "demux"]
+    assert len(demux) == 1 and demux[0]["fetched_bytes"] > 1_000_000, demux
+    assert workspace.stage_done(item.pk, bindings.STORYBOARD_STAGE)
 
 
 def _forget(item: MediaItem, stage: str) -> None:
