@@ -166,6 +166,7 @@ def test_a_video_chain_completes_over_rabbitmq(rabbit_worker, make_item, tmp_pat
         "decode",
         "normalize",
         "filter",
+        "encode.storyboard",  # beside the encode, which logs once it has ended
         "encode",
         "mux",
         "chunk",
