@@ -159,7 +159,7 @@ def test_a_host_that_lacks_the_demuxed_streams_fetches_them_once_for_the_encode_
     """The encode runs on a host that did not run the demux (its cache is empty): the encode and
     the storyboard beside it both read the demuxed streams, which may be the whole upload; they
     come from storage once, not once per thread."""
-    item, _src = video(seconds=20, size="1280x720")
+    item, _src = video(seconds=8, size="1280x720")
     _run(item, BEFORE_ENCODE)
     workspace.clear(item.pk)  # this host's cache of the item's stages: another host's disk
     caplog.set_level(logging.INFO, logger="tasks.workspace")
