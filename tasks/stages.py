@@ -14,6 +14,7 @@ import resource
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -215,7 +216,7 @@ def work_stage(task: Task, item: MediaItem, stage: str, attempt: int) -> StageRu
         raise
     finally:
         if beside is not None:
-            beside.thread.join()
+            beside.wait(ctx.cancelled)
         shutil.rmtree(tmp, ignore_errors=True)
     # The largest child this worker process has reaped (decoders, ffmpeg): the item records it
     # so limits can be checked against what really ran.
@@ -223,10 +224,7 @@ def work_stage(task: Task, item: MediaItem, stage: str, attempt: int) -> StageRu
     return StageRun(time.monotonic() - started, stored, peak)
 
 
-STORE = "store"
-
-
-def run_storyboard(item: MediaItem, cancel: Any) -> None:
+def run_storyboard(item: MediaItem, cancel: Callable[[], bool]) -> None:
     """Make and write through a video's storyboard (``bindings.STORYBOARD_STAGE``), unless storage
     has it already."""
     stage = bindings.STORYBOARD_STAGE
@@ -253,6 +251,14 @@ class _Beside:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(item,), name=f"storyboard-{item.pk}", daemon=True)
         self.thread.start()
+
+    def wait(self, cancelled: Callable[[], bool]) -> None:
+        """Until the storyboard ends; a cancel seen meanwhile (the encode may finish first) stops
+        it. The item is read here, on the task's thread: the storyboard's has no database."""
+        while self.thread.is_alive():
+            self.thread.join(0.5)
+            if not self.stop.is_set() and cancelled():
+                self.stop.set()
 
     def _run(self, item: MediaItem) -> None:
         try:
@@ -466,7 +472,7 @@ def fused(self: Task, item_id: str) -> None:
 # (lifecycle.progressed, which applies only while Processing): a cancelled item stays cancelled,
 # and its chunks stop at their next cancel check.
 
-ENCODE = "encode"
+ENCODE, STORE = "encode", "store"
 
 
 def _stored_plan(item_id: Any) -> Any:

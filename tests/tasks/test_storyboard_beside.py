@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +97,10 @@ class FfmpegChildren(threading.Thread):
         return found
 
     def run(self) -> None:
-        while not self.done.is_set():
+        while True:
             self.samples.append(self.now())
-            time.sleep(0.005)
+            if self.done.wait(0.005):  # a sample every 5 ms until the test has what it watched
+                return
 
 
 def _is_storyboard(cmd: str) -> bool:
@@ -243,3 +243,26 @@ def test_a_cancel_during_the_encode_stops_the_storyboard_too(video, tmp_path):
     assert (item.status, item.error_code) == ("Failed", "cancelled")
     assert not workspace.stage_done(item.pk, bindings.STORYBOARD_STAGE)
     assert not workspace.stage_done(item.pk, "encode")
+
+
+def test_a_cancel_after_the_encode_ended_stops_the_storyboard_it_waits_for(video):
+    """The encode task does not return while its storyboard runs; if the encode ended first, a
+    cancel arriving meanwhile is still seen (by the task's thread, which polls the item) and stops
+    the storyboard, instead of the task waiting for a sheet nobody will see."""
+    from tasks.stages import StageContext, _Beside
+
+    item, _src = video(seconds=40, size="1280x720")
+    _run(item, BEFORE_ENCODE)
+    beside = _Beside(item)  # as the encode task starts it; here the encode has already ended
+    wait_for(lambda: any(map(_is_storyboard, FfmpegChildren.now())), timeout=60, what="the storyboard's ffmpeg",
+             interval=0.01)  # fmt: skip
+    assert lifecycle.cancelled(item_id=item.pk, message="Cancelled by an administrator.")
+    ctx = StageContext(item, "encode", workspace.item_dir(item.pk), (0.0, 0.0))
+    waiter = threading.Thread(target=beside.wait, args=(ctx.cancelled,))
+    waiter.start()
+    waiter.join(timeout=10)
+    beside.stop.set()  # a failing test leaves no ffmpeg behind
+    beside.thread.join()
+    assert not waiter.is_alive(), "the encode task still waited for its storyboard after the cancel"
+    assert not FfmpegChildren.now()
+    assert not workspace.stage_done(item.pk, bindings.STORYBOARD_STAGE)
